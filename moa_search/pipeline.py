@@ -1,0 +1,236 @@
+"""The ``run`` pipeline: calibration data, dense reference, study, validation of the front."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import optuna
+import torch
+
+from moa_search.data import load_calibration_data
+from moa_search.export import RunResults, load_run
+from moa_search.front import pareto_front
+from moa_search.models import load_model, model_shape
+from moa_search.runs import RunFolder, RunSettings
+from moa_search.search.evaluator import WindowEvaluator
+from moa_search.search.groups import HeadGroups
+from moa_search.profile import HeadProfile, profile_heads
+from moa_search.runs import PROFILE_FILE
+from moa_search.search.profile_strategy import ProfileStrategy, group_cost, group_loss
+from moa_search.search.strategies import DirectStrategy, Strategy
+from moa_search.search.study import (
+    enqueue_missing_seeds,
+    uniform_nll_increase,
+    make_objective,
+    open_study,
+    run_trials,
+    uniform_seeds,
+)
+from moa_search.span_config import ModelInfo
+
+logger = logging.getLogger(__name__)
+
+TrialCallback = Callable[[optuna.Study, optuna.trial.FrozenTrial], None]
+
+
+@dataclass
+class RunHooks:
+    """Callbacks through which the CLI shows progress; the library itself never prints."""
+
+    stage: Callable[[str], None] = lambda message: None
+    profile_progress: Callable[[int, int], None] = lambda done, total: None
+    trial_callbacks: Sequence[TrialCallback] = field(default_factory=tuple)
+    validation_progress: Callable[[int, int], None] = lambda done, total: None
+
+
+@dataclass
+class RunOutcome:
+    """What :func:`run_search` produced."""
+
+    results: RunResults
+    interrupted: bool
+
+
+def model_info_of(model: torch.nn.Module, model_id: str) -> ModelInfo:
+    """Describe a loaded model for settings and span configs."""
+    shape = model_shape(model, model_id)
+    return ModelInfo(**shape.to_dict())
+
+
+def _load_data(settings: RunSettings, folder: RunFolder, tokenizer, resume: bool):
+    if resume and folder.file("calibration.pt").is_file():
+        stored = folder.read_data()
+        return stored["calibration"], stored["holdout"], stored["provenance"]
+    data = load_calibration_data(
+        tokenizer,
+        settings.dataset,
+        seq_len=settings.seq_len,
+        num_samples=settings.num_samples,
+        holdout=settings.holdout,
+        max_positions=settings.model_info.max_positions,
+        dataset_config=settings.dataset_config,
+        split=settings.split,
+        text_column=settings.text_column,
+    )
+    provenance = data.provenance()
+    folder.write_data(data.calibration, data.holdout, provenance)
+    return data.calibration, data.holdout, provenance
+
+
+def load_or_profile(
+    settings: RunSettings,
+    folder: RunFolder,
+    model: torch.nn.Module,
+    calibration: torch.Tensor,
+    hooks: RunHooks,
+) -> HeadProfile:
+    """Return the run's head profile, computing and caching it in the run folder on first use."""
+    path = folder.file(PROFILE_FILE)
+    if path.is_file():
+        profile = HeadProfile.from_file(path)
+        if list(profile.windows) == list(settings.candidates) and profile.estimator == settings.estimator:
+            logger.info("reusing the head profile in %s", path)
+            return profile
+    hooks.stage(f"profiling heads ({settings.estimator} estimator)")
+    profile = profile_heads(
+        model,
+        calibration,
+        settings.candidates,
+        sink_tokens=settings.space.sink_tokens,
+        estimator=settings.estimator,
+        supervised_tokens=settings.supervised_tokens,
+        batch_size=settings.batch_size,
+        progress=hooks.profile_progress,
+    )
+    profile.to_file(path)
+    return profile
+
+
+def make_strategy(
+    settings: RunSettings, groups: HeadGroups, profile: HeadProfile | None
+) -> Strategy:
+    """Build the search strategy named in the settings."""
+    if settings.strategy == "direct" or profile is None:
+        return DirectStrategy(groups, list(settings.candidates))
+    return ProfileStrategy(
+        groups,
+        settings.candidates,
+        group_loss(profile, groups),
+        group_cost(settings.candidates, groups, settings.cost_lengths, settings.space.sink_tokens),
+        settings.budget,
+        settings.max_windows_per_layer,
+    )
+
+
+def run_search(
+    settings: RunSettings,
+    folder: RunFolder,
+    *,
+    resume: bool = False,
+    model: torch.nn.Module | None = None,
+    tokenizer=None,
+    hooks: RunHooks | None = None,
+) -> RunOutcome:
+    """Run (or resume) a search and validate its Pareto front on the held-out sequences.
+
+    Args:
+        settings: Resolved settings; written to the run folder before any trial runs.
+        folder: The run folder; created when missing.
+        resume: Continue the study stored for this run instead of creating one.
+        model, tokenizer: An already loaded model, e.g. from tests; loaded from ``settings.model`` when None.
+    """
+    hooks = hooks or RunHooks()
+    if model is None:
+        hooks.stage(f"loading {settings.model}")
+        model, tokenizer = load_model(settings.model, dtype=settings.dtype, device=settings.device)
+    hooks.stage("preparing calibration data")
+    calibration, holdout, provenance = _load_data(settings, folder, tokenizer, resume)
+    folder.write_settings(settings)
+
+    groups = HeadGroups(model_shape(model, settings.model), settings.space.granularity)
+    sink_tokens = settings.space.sink_tokens
+    evaluator = WindowEvaluator(
+        model,
+        calibration,
+        num_kv_heads=groups.shape.num_kv_heads,
+        sink_tokens=sink_tokens,
+        cost_lengths=settings.cost_lengths,
+        batch_size=settings.batch_size,
+    )
+    metrics = folder.read_metrics()
+    if "dense_perplexity" not in metrics:
+        hooks.stage("measuring dense perplexity")
+        dense = groups.expand([None] * groups.num_groups)
+        metrics = folder.update_metrics(
+            dense_perplexity=evaluator.perplexity(dense), calibration=provenance
+        )
+    logger.info("dense calibration perplexity %.4f", metrics["dense_perplexity"])
+
+    profile = None
+    if settings.strategy == "profile":
+        profile = load_or_profile(settings, folder, model, calibration, hooks)
+    strategy = make_strategy(settings, groups, profile)
+    study = open_study(
+        study_name=settings.study_name,
+        storage=settings.storage,
+        sampler=settings.sampler,
+        seed=settings.seed,
+        resume=resume,
+    )
+    hooks.stage("searching")
+    objective = make_objective(strategy, groups, evaluator, settings.budget, study)
+    run = functools.partial(
+        run_trials,
+        study,
+        objective,
+        total_trials=settings.trials,
+        timeout=settings.timeout,
+        callbacks=hooks.trial_callbacks,
+    )
+    enqueue_missing_seeds(
+        study, strategy, uniform_seeds(settings.candidates, groups, settings.seq_len, sink_tokens)
+    )
+    interrupted = False
+    if isinstance(strategy, ProfileStrategy):
+        # The surrogate needs the measured uniform baselines, so they run before anything else.
+        interrupted = run(queued_only=True)
+        increase = uniform_nll_increase(study, settings.candidates, groups.num_groups)
+        if increase is not None:
+            strategy.set_uniform_increase(increase)
+            enqueue_missing_seeds(study, strategy, strategy.surrogate_seeds())
+    if not interrupted:
+        interrupted = run()
+    if holdout.shape[0] > 0:
+        hooks.stage("validating the front on held-out sequences")
+        validate_front(study, settings, groups, evaluator, holdout, folder, hooks)
+    return RunOutcome(load_run(folder), interrupted)
+
+
+def validate_front(
+    study: optuna.Study,
+    settings: RunSettings,
+    groups: HeadGroups,
+    evaluator: WindowEvaluator,
+    holdout: torch.Tensor,
+    folder: RunFolder,
+    hooks: RunHooks,
+) -> None:
+    """Measure the held-out perplexity of dense attention and of every front member not measured yet."""
+    metrics = folder.read_metrics()
+    measured: dict[str, float] = dict(metrics.get("holdout", {}))
+    members = [m for m in pareto_front(study, settings.budget) if str(m.trial) not in measured]
+    total = len(members) + ("dense_holdout_perplexity" not in metrics)
+    done = 0
+    if "dense_holdout_perplexity" not in metrics:
+        dense = groups.expand([None] * groups.num_groups)
+        folder.update_metrics(dense_holdout_perplexity=evaluator.perplexity(dense, holdout))
+        done += 1
+        hooks.validation_progress(done, total)
+    for member in members:
+        measured[str(member.trial)] = evaluator.perplexity(groups.expand(member.group_windows), holdout)
+        folder.update_metrics(holdout=measured)
+        done += 1
+        hooks.validation_progress(done, total)
