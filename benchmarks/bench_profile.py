@@ -18,20 +18,20 @@ Rows per setting:
   probabilities for the backward pass, as a profile built on tensor hooks would.
 - ``profile set`` and ``profile set+additive``: :func:`moa_search.profile.profile_estimators`.
 
-Memory is the growth of the peak resident set size (``resource.getrusage(RUSAGE_SELF).ru_maxrss``)
-of a fresh process over its peak after loading the model. Every row runs in its own process, so one
-row's peak does not hide the next, and the parent process tokenises the data, so the tokenizer's
-peak does not hide the run's. This counts all CPU allocations, torch's included, but the growth is
-a lower bound whenever loading peaked higher than the run.
+Memory is the peak resident set size during the first (untimed) run minus the resident set size
+just before it. A thread reads ``/proc/self/statm`` every millisecond, so the figure is Linux-only
+and can miss shorter spikes. It counts all CPU allocations, torch's included. Every row runs in a
+fresh process that loads only the model, and the parent process tokenises the data.
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing
-import resource
+import os
 import statistics
 import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -148,16 +148,43 @@ def _measure(setting: Setting, run: str, input_ids) -> Measurement:  # type: ign
         dense_nll = profiles["set"].dense_nll
 
     gc.collect()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    call()  # Warm-up run. It reaches the same peak as the timed runs.
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    sampler = _ResidentSetSampler()
+    sampler.start()
+    call()  # Untimed first run: it measures memory and warms up.
+    peak_growth_mib = sampler.stop()
     seconds = []
     for _ in range(setting.repeats):
         start = time.perf_counter()
         call()
         seconds.append(time.perf_counter() - start)
-    # ru_maxrss is in KiB on Linux.
-    return Measurement(statistics.median(seconds), (peak - before) / 1024, dense_nll)
+    return Measurement(statistics.median(seconds), peak_growth_mib, dense_nll)
+
+
+class _ResidentSetSampler(threading.Thread):
+    """Record the peak resident set size of this process while running."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.stopped = threading.Event()
+        self.start_bytes = _resident_bytes()
+        self.peak_bytes = self.start_bytes
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            self.peak_bytes = max(self.peak_bytes, _resident_bytes())
+            time.sleep(0.001)
+
+    def stop(self) -> float:
+        """Stop sampling and return the peak growth in MiB."""
+        self.stopped.set()
+        self.join()
+        self.peak_bytes = max(self.peak_bytes, _resident_bytes())
+        return (self.peak_bytes - self.start_bytes) / 2**20
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _measure_in_subprocess(setting: Setting, run: str, input_ids) -> Measurement:  # type: ignore[no-untyped-def]

@@ -41,7 +41,7 @@ class RunResults:
         return HeadGroups(shape, self.settings.space.granularity)
 
     def front(self) -> list[FrontMember]:
-        """The Pareto front with held-out perplexities where the run measured them."""
+        """Return the Pareto front, with held-out perplexities where the run measured them."""
         members = pareto_front(self.study, self.settings.budget)
         return with_holdout(members, self.metrics.get("holdout", {}))
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import functools
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -48,7 +48,7 @@ class RunHooks:
 
 @dataclass
 class RunOutcome:
-    """What :func:`run_search` produced."""
+    """Result of :func:`run_search`."""
 
     results: RunResults
     interrupted: bool
@@ -182,14 +182,21 @@ def run_search(
     )
     hooks.stage("searching")
     objective = make_objective(strategy, groups, evaluator, settings.budget, study)
-    run = functools.partial(
-        run_trials,
-        study,
-        objective,
-        total_trials=settings.trials,
-        timeout=settings.timeout,
-        callbacks=hooks.trial_callbacks,
-    )
+    deadline = None if settings.timeout is None else time.monotonic() + settings.timeout
+
+    def run(queued_only: bool = False) -> bool:
+        timeout = None if deadline is None else deadline - time.monotonic()
+        if timeout is not None and timeout <= 0:
+            return False
+        return run_trials(
+            study,
+            objective,
+            total_trials=settings.trials,
+            timeout=timeout,
+            callbacks=hooks.trial_callbacks,
+            queued_only=queued_only,
+        )
+
     enqueue_missing_seeds(
         study, strategy, uniform_seeds(settings.candidates, groups, settings.seq_len, sink_tokens)
     )

@@ -86,7 +86,7 @@ class RunFolder:
         return f"sqlite:///{self.file(STUDY_FILE).resolve()}"
 
     def exists(self) -> bool:
-        """Whether a run was started in this folder (its settings were written)."""
+        """Return whether a run was started in this folder, i.e. its settings were written."""
         return self.file(SETTINGS_FILE).is_file()
 
     def write_settings(self, settings: RunSettings) -> None:

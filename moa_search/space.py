@@ -17,7 +17,7 @@ DEFAULT_SPACE = "default"
 
 
 class Granularity(str, Enum):
-    """Which heads share one searched window."""
+    """Unit that shares one searched window."""
 
     KV_HEAD = "kv_head"  # query heads of one KV head share a window, so the KV cache really shrinks
     QUERY_HEAD = "query_head"  # every query head has its own window

@@ -10,9 +10,14 @@ import numpy as np
 import pytest
 from scipy import optimize, sparse
 
-from moa_search import knapsack
 from moa_search.errors import ConfigError
-from moa_search.knapsack import BUDGET_TOLERANCE, KnapsackSolution, solve_front, solve_knapsack
+from moa_search.knapsack import (
+    BUDGET_TOLERANCE,
+    KnapsackSolution,
+    _program,
+    solve_front,
+    solve_knapsack,
+)
 
 
 def random_instance(seed: int) -> dict[str, Any]:
@@ -139,7 +144,7 @@ def test_solve_matches_brute_force(max_distinct: int | None) -> None:
 
 def test_milp_fallback_matches_brute_force(monkeypatch: pytest.MonkeyPatch) -> None:
     # With no room for the Pareto program, every core goes to the MILP.
-    monkeypatch.setattr(knapsack, "_MAX_DP_PAIRS", 0)
+    monkeypatch.setattr(_program, "_MAX_DP_PAIRS", 0)
     for seed in range(60):
         instance = random_instance(seed)
         expected = brute_force(**instance, max_distinct=None)

@@ -59,7 +59,11 @@ def configure(
 ) -> None:
     """Search a sliding-window length for every attention head of a causal LM (Mixture of Attention Spans)."""
     _state["debug"] = debug
-    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
+    level = logging.WARNING
+    if verbose:
+        level = logging.INFO
+    if debug:
+        level = logging.DEBUG
     logging.basicConfig(
         level=level,
         format="%(message)s",
@@ -68,8 +72,8 @@ def configure(
     )
     for noisy in ("transformers", "datasets", "httpx", "filelock"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
-    # Optuna logs every trial, and a Ctrl-C as a failed trial with all its parameters; our progress bar and
-    # messages say the same in fewer lines, so Optuna's own handler goes and only its errors pass.
+    # Optuna logs every trial, and a Ctrl-C as a failed trial with all its parameters. The progress bar
+    # reports the same in fewer lines, so Optuna's handler is removed and only its errors pass.
     optuna.logging.disable_default_handler()
     optuna.logging.enable_propagation()
     optuna.logging.set_verbosity(logging.DEBUG if debug else logging.ERROR)

@@ -32,7 +32,7 @@ SamplerName = Enum("SamplerName", {name: name for name in SAMPLERS}, type=str)  
 
 
 class StrategyName(str, Enum):
-    """How trials map to windows."""
+    """Mapping from a trial to windows."""
 
     direct = "direct"
     profile = "profile"

@@ -44,7 +44,11 @@ def front_rich_table(table: pd.DataFrame, *, title: str, budget: float) -> Table
     rich_table.add_column("ok")
     rich_table.add_column("windows by layer", overflow="fold", min_width=16)
     for row in table.itertuples(index=False):
-        marker = ("*" if row.recommended else "") + ("u" if isinstance(row.baseline, str) else "")
+        marker = ""
+        if row.recommended:
+            marker += "*"
+        if isinstance(row.baseline, str):
+            marker += "u"
         cells = [f"{row.trial}{marker}", _number(row.perplexity, 3), _signed(row.delta_pct)]
         if has_holdout:
             cells += [_number(row.holdout_perplexity, 3), _signed(row.holdout_delta_pct)]
