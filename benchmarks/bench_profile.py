@@ -150,7 +150,7 @@ def _measure(setting: Setting, run: str, input_ids) -> Measurement:  # type: ign
     gc.collect()
     sampler = _ResidentSetSampler()
     sampler.start()
-    call()  # Untimed first run: it measures memory and warms up.
+    call()  # The untimed first run measures memory and warms up.
     peak_growth_mib = sampler.stop()
     seconds = []
     for _ in range(setting.repeats):

@@ -13,9 +13,9 @@ one) is compared with the prediction:
 - single heads: every (layer, query head) alone at each of ``--single-windows``, all other heads
   full; the prediction is that head's estimate.
 - random configs: one window per KV head. Each config draws a centre ``c`` uniformly from the
-  candidate indices (full attention is the last index), and each KV head takes the candidate at
-  ``round(c + N(0, --spread))``, clipped to the index range, so the configs spread from nearly
-  all-smallest to nearly all-full. The prediction is
+  candidate indices, where full attention is the last index. Each KV head then takes the
+  candidate at ``round(c + N(0, --spread))``, clipped to the index range. So the configs spread
+  from nearly all-smallest to nearly all-full windows. The prediction is
   :meth:`moa_search.profile.HeadProfile.predict_loss_increase`, the sum of the heads' estimates.
 
 Spearman's rho measures whether the profile ranks configs right, which is what a search needs.

@@ -225,7 +225,7 @@ ATTENTION_CASES = [(11, 1), (11, 200), (70, 2000), (70, 2**21)]
 def test_profiled_attention_matches_eager(
     length: int, block_elements: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("moa_search.profile.BLOCK_ELEMENTS", block_elements)
+    monkeypatch.setattr("moa_search.profile._attention.BLOCK_ELEMENTS", block_elements)
     generator = torch.Generator().manual_seed(length)
     shape = (2, 4, length, 5)
     query, key, value = (

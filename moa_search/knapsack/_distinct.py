@@ -1,8 +1,8 @@
 """Exact solver under the distinct-per-layer constraint.
 
-It solves the LP relaxation of the MILP, turns its duals into a Lagrangian bound with a penalty
-per candidate, rounds the LP to an incumbent, removes every candidate whose penalty exceeds the
-gap, and hands the rest to the MILP in HiGHS.
+It solves the LP relaxation of the MILP and turns the LP duals into a Lagrangian bound with a
+penalty per candidate. Rounding the LP gives an incumbent, every candidate whose penalty exceeds
+the gap to it is removed, and HiGHS solves the rest as a MILP.
 """
 
 from __future__ import annotations

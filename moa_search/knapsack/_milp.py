@@ -141,7 +141,7 @@ def _solve_milp(
         constraints.append(optimize.LinearConstraint(model.a_ub, -np.inf, model.b_ub))
     num_x = model.groups.size
     for _ in range(max_cuts + 1):
-        # HiGHS 1.12.0, as bundled with scipy 1.17, writes a stray debug line from C++ to fd 1
+        # HiGHS 1.12.0, as bundled with scipy 1.17.1, writes a stray debug line from C++ to fd 1
         # during some solves, so the solve runs with fd 1 pointing at /dev/null.
         with warnings.catch_warnings(), _stdout_fd_to_devnull():
             warnings.filterwarnings(
