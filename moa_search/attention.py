@@ -2,9 +2,9 @@
 
 The adapter registers one attention function under :data:`ATTENTION_NAME` in transformers'
 ``AttentionInterface`` (and the matching mask builder in ``AttentionMaskInterface``), then switches the model to
-it. The function reads the windows of the calling layer from a table keyed by the attention module, so model code
-is never forked. Models whose layers do not dispatch through the registry are detected by a probe forward pass
-and rejected, never evaluated silently with full attention.
+it. The function reads the windows of the calling layer from a table keyed by the attention module,
+so model code is never forked. Models whose layers do not dispatch through the registry are
+detected by a probe forward pass and rejected, never evaluated silently with full attention.
 """
 
 from __future__ import annotations
@@ -57,7 +57,9 @@ class _LayerWindows:
 
 
 # Attention module -> its windows. Weak keys, so a deleted model takes its windows with it.
-_LAYER_WINDOWS: weakref.WeakKeyDictionary[torch.nn.Module, _LayerWindows] = weakref.WeakKeyDictionary()
+_LAYER_WINDOWS: weakref.WeakKeyDictionary[torch.nn.Module, _LayerWindows] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _repeat_kv(states: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -99,7 +101,10 @@ def windowed_attention_forward(
         raise UnsupportedModelError(
             "attention logit soft-capping is not supported by the windowed attention function"
         )
-    group_size = query.shape[1] // key.shape[1]
+    if kwargs.get("s_aux") is not None:
+        raise UnsupportedModelError(
+            "learned attention-sink logits are not supported by the windowed attention function"
+        )
     if attention_mask is not None or dropout > 0:
         output = _masked_attention(layer, query, key, value, attention_mask, dropout, scaling)
     else:
@@ -169,8 +174,8 @@ def _grouped_attention(
                 scaling=scaling,
             )
         else:
-            # Full attention: causal when queries and keys align, no mask for one decoded query, and the
-            # causal mask shifted by the cache length for a chunk of queries after a cache.
+            # Full attention: causal when queries and keys align, no mask for one decoded query,
+            # and the causal mask shifted by the cache length for a chunk of queries after a cache.
             causal_mask = None
             if 1 < q_len < kv_len:
                 causal_mask = layer.mask(q_len, kv_len, query.device)[:, heads]
@@ -197,8 +202,9 @@ def _register() -> None:
 def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     """Return the self-attention module of every layer, indexed by layer.
 
-    A module counts when its class name ends in ``Attention`` and it carries an integer ``layer_idx``, which
-    is how transformers' decoder layers pass the layer index to the attention function.
+    A module counts when its class name ends in ``Attention`` and it carries an integer
+    ``layer_idx``, which is how transformers' decoder layers pass the layer index to the attention
+    function.
 
     Raises:
         UnsupportedModelError: when the modules found do not cover every layer exactly once.
@@ -236,7 +242,8 @@ def set_windows(
 ) -> None:
     """Replace the windows of a model that :func:`apply_windows` already switched to windowed attention.
 
-    Cheaper than :func:`apply_windows` because it skips the probe; the search calls it once per trial.
+    Cheaper than :func:`apply_windows` because it skips the probe; the search calls it once per
+    trial.
 
     Args:
         windows: ``[layers][query_heads]`` windows in tokens, None for full attention.
@@ -245,7 +252,8 @@ def set_windows(
     modules = attention_modules(model)
     shape = model_shape(model)
     _check_windows_shape(windows, shape.num_layers, shape.num_query_heads)
-    # Validate every row before replacing any, so an invalid window leaves the old windows in place.
+    # Validate every row before replacing any, so an invalid window leaves the old windows in
+    # place.
     tables = [_LayerWindows(window_tensor(row), sink_tokens) for row in windows]
     for module, table in zip(modules, tables, strict=True):
         _LAYER_WINDOWS[module] = table
@@ -263,8 +271,9 @@ def apply_windows(
         sink_tokens: Leading tokens every query sees.
 
     Raises:
-        UnsupportedModelError: when a probe forward pass shows that some layer does not call the windowed
-            attention function; the model is switched back to its previous attention first.
+        UnsupportedModelError: when a probe forward pass shows that some layer does not call the
+            windowed attention function; the model is switched back to its previous attention
+            first.
     """
     _register()
     set_windows(model, windows, sink_tokens)

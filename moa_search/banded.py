@@ -1,8 +1,9 @@
 """Windowed attention that computes only the band of keys each query block can see.
 
-With window W, a block of queries needs at most ``block + W - 1`` recent keys plus the sink keys, so the work
-per layer falls from ``T²`` to about ``T·(W + block)``. The result equals attention with the full mask of
-:func:`moa_search.masks.head_window_mask`: the same scores over the same visible keys, in another order.
+With window W, a block of queries needs at most ``block + W - 1`` recent keys plus the sink keys,
+so the work per layer falls from ``T²`` to about ``T·(W + block)``. The result equals attention
+with the full mask of :func:`moa_search.masks.head_window_mask`: the same scores over the same
+visible keys, in another order.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import torch.nn.functional as F
 
 from moa_search.masks import is_visible
 
-# Query rows per block. Small blocks waste less work on the band's triangle ends; large ones make fewer calls.
+# Query rows per block. Small blocks waste less work on the band's triangle ends; large ones make
+# fewer calls.
 MIN_BLOCK = 64
 MAX_BLOCK = 256
 
@@ -33,12 +35,14 @@ def banded_attention(
 ) -> torch.Tensor:
     """Attend with every head restricted to one window, visiting only the keys in the band.
 
-    The queries are the last ``q_len`` of the ``kv_len`` key positions (a KV cache may hold earlier ones).
+    The queries are the last ``q_len`` of the ``kv_len`` key positions (a KV cache may hold earlier
+    ones).
 
     Args:
         query: ``[batch, heads, q_len, head_dim]``.
         key, value: ``[batch, heads, kv_len, head_dim]``, already expanded to the query heads.
-        window: Window in tokens under :data:`moa_search.masks.WINDOW_CONVENTION`, smaller than ``kv_len``.
+        window: Window in tokens under :data:`moa_search.masks.WINDOW_CONVENTION`, smaller than
+        ``kv_len``.
         sink_tokens: Leading keys every query sees.
 
     Returns:

@@ -1,12 +1,12 @@
 """Closed-form attention cost of windowed heads.
 
-Two densities, both relative to dense causal attention over ``seq_len`` tokens and both exact counts under
-:data:`moa_search.masks.WINDOW_CONVENTION`:
+Two densities, both relative to dense causal attention over ``seq_len`` tokens and both exact
+counts under :data:`moa_search.masks.WINDOW_CONVENTION`:
 
-- ``area_density``: visible (query, key) pairs over the ``seq_len * (seq_len + 1) / 2`` of the causal triangle.
-  This is the compute of prefill and the search's cost objective.
-- ``kv_density``: keys the last query sees over ``seq_len``; this is the share of the KV cache a head keeps
-  while decoding at that length.
+- ``area_density``: visible (query, key) pairs over the ``seq_len * (seq_len + 1) / 2`` of the
+  causal triangle. This is the compute of prefill and the search's cost objective.
+- ``kv_density``: keys the last query sees over ``seq_len``; this is the share of the KV cache a
+  head keeps while decoding at that length.
 """
 
 from __future__ import annotations
@@ -88,7 +88,8 @@ def kv_windows(windows: Windows, num_kv_heads: int) -> list[list[int | None]]:
     """Return the window each KV head must keep: the largest window among the query heads that share it.
 
     Args:
-        windows: ``[layers][query_heads]``; query head h reads KV head ``h // (query_heads // num_kv_heads)``.
+        windows: ``[layers][query_heads]``; query head h reads KV head ``h // (query_heads //
+        num_kv_heads)``.
 
     Returns:
         ``[layers][kv_heads]`` windows, None for full attention.

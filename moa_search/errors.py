@@ -1,7 +1,7 @@
 """Exceptions raised for bad input.
 
-Every error carries a one-line message that names the bad value, the valid range and what to do; the CLI prints
-that line and exits with status 1.
+Every error carries a one-line message that names the bad value, the valid range and what to do;
+the CLI prints that line and exits with status 1.
 """
 
 from __future__ import annotations

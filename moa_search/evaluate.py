@@ -19,8 +19,8 @@ def negative_log_likelihood(
     """Sum the next-token NLL over every predicted token of every sequence.
 
     Args:
-        input_ids: int64 ``[num_sequences, seq_len]``; token t is predicted from tokens ``0..t-1`` for
-            t >= 1, so each sequence contributes ``seq_len - 1`` predictions.
+        input_ids: int64 ``[num_sequences, seq_len]``; token t is predicted from tokens
+            ``0..t-1`` for t >= 1, so each sequence contributes ``seq_len - 1`` predictions.
         progress: Called as ``progress(done_sequences, num_sequences)`` after each batch.
 
     Returns:

@@ -50,7 +50,8 @@ def load_run(folder: RunFolder) -> RunResults:
     """Read a run's settings, study and metrics.
 
     Raises:
-        RunFolderError: when the folder has no settings or its study cannot be found in the storage.
+        RunFolderError: when the folder has no settings or its study cannot be found in the
+        storage.
     """
     settings = folder.read_settings()
     try:

@@ -32,8 +32,8 @@ def _dominates(a: tuple[float, float], b: tuple[float, float]) -> bool:
 def pareto_front(study: optuna.Study, budget: float) -> list[FrontMember]:
     """Return the non-dominated trials of a study, cheapest first, one per distinct config.
 
-    Infeasible trials (cost above ``budget``) stay in the front, marked, because a trial can only be
-    dominated by a cheaper one and so never hides a feasible member.
+    Infeasible trials (cost above ``budget``) stay in the front, marked, because a trial can only
+    be dominated by a cheaper one and so never hides a feasible member.
     """
     best: dict[tuple, optuna.trial.FrozenTrial] = {}
     for trial in completed_trials(study):
@@ -113,8 +113,9 @@ def front_table(
 ) -> pd.DataFrame:
     """Build the front as a DataFrame, one row per member, cheapest first.
 
-    Columns: trial, perplexity, delta_pct (vs dense, %), holdout_perplexity, holdout_delta_pct, cost,
-    kv_fraction, feasible, baseline (the seed label of uniform baselines), recommended, windows.
+    Columns: trial, perplexity, delta_pct (vs dense, %), holdout_perplexity, holdout_delta_pct,
+    cost, kv_fraction, feasible, baseline (the seed label of uniform baselines), recommended,
+    windows.
     """
     recommended = recommended_member(members)
     rows = []
@@ -132,7 +133,9 @@ def front_table(
                 "cost": member.cost,
                 "kv_fraction": member.kv_fraction,
                 "feasible": member.feasible,
-                "baseline": member.seed if member.seed and member.seed.startswith("uniform") else None,
+                "baseline": member.seed
+                if member.seed and member.seed.startswith("uniform")
+                else None,
                 "recommended": recommended is not None and member.trial == recommended.trial,
                 "windows": summarize_windows(member.group_windows, groups_per_layer),
             }

@@ -1,8 +1,8 @@
 """Window convention and attention masks.
 
-Every part of moa-search (search, cost model, masks, exports and the attention adapter) uses the one convention
-in :data:`WINDOW_CONVENTION`. The functions here are pure: they build masks from integers and tensors and never
-touch a model.
+Every part of moa-search (search, cost model, masks, exports and the attention adapter) uses the
+one convention in :data:`WINDOW_CONVENTION`. The functions here are pure: they build masks from
+integers and tensors and never touch a model.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ WINDOW_CONVENTION = (
     "attention; positions are absolute token indices starting at 0"
 )
 
-# Stand-in for a full window inside integer tensors: larger than any sequence length a model can have.
+# Stand-in for a full window inside integer tensors: larger than any sequence length a model can
+# have.
 FULL_WINDOW = 2**62
 
 
@@ -89,15 +90,20 @@ def sliding_window(window_tokens: int | None, sink_tokens: int = 0) -> MaskMod:
 
 
 def head_window_mask(
-    windows: torch.Tensor, sink_tokens: int, q_len: int, kv_len: int, device: torch.device | None = None
+    windows: torch.Tensor,
+    sink_tokens: int,
+    q_len: int,
+    kv_len: int,
+    device: torch.device | None = None,
 ) -> torch.Tensor:
     """Build the boolean mask of every head for one attention call.
 
-    The queries are the last ``q_len`` of ``kv_len`` positions (``q_len < kv_len`` when a KV cache holds
-    earlier tokens), so query row r sits at absolute position ``kv_len - q_len + r``.
+    The queries are the last ``q_len`` of ``kv_len`` positions (``q_len < kv_len`` when a KV cache
+    holds earlier tokens), so query row r sits at absolute position ``kv_len - q_len + r``.
 
     Args:
-        windows: int64 ``[heads]``, one window per query head (:data:`FULL_WINDOW` for full attention).
+        windows: int64 ``[heads]``, one window per query head (:data:`FULL_WINDOW` for full
+        attention).
         sink_tokens: Leading keys every query sees.
         q_len: Number of query positions.
         kv_len: Number of key positions.

@@ -13,8 +13,12 @@ from moa_search.errors import ConfigError, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
-          "float16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,8 @@ def model_shape(model: torch.nn.Module, model_id: str | None = None) -> ModelSha
         )
     architectures = getattr(model.config, "architectures", None) or [type(model).__name__]
     return ModelShape(
-        model_id=model_id or str(getattr(model.config, "_name_or_path", "") or type(model).__name__),
+        model_id=model_id
+        or str(getattr(model.config, "_name_or_path", "") or type(model).__name__),
         architecture=architectures[0],
         num_layers=num_layers,
         num_query_heads=num_query_heads,
@@ -98,7 +103,9 @@ def load_model(
     local = Path(model_id).expanduser()
     source = str(local) if local.exists() else model_id
     if not local.exists() and (model_id.startswith((".", "/", "~")) or model_id.count("/") > 1):
-        raise ConfigError(f"model folder {model_id!r} does not exist; pass a local folder or a hub id")
+        raise ConfigError(
+            f"model folder {model_id!r} does not exist; pass a local folder or a hub id"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)

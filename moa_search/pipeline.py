@@ -91,7 +91,10 @@ def load_or_profile(
     path = folder.file(PROFILE_FILE)
     if path.is_file():
         profile = HeadProfile.from_file(path)
-        if list(profile.windows) == list(settings.candidates) and profile.estimator == settings.estimator:
+        if (
+            list(profile.windows) == list(settings.candidates)
+            and profile.estimator == settings.estimator
+        ):
             logger.info("reusing the head profile in %s", path)
             return profile
     hooks.stage(f"profiling heads ({settings.estimator} estimator)")
@@ -140,7 +143,8 @@ def run_search(
         settings: Resolved settings; written to the run folder before any trial runs.
         folder: The run folder; created when missing.
         resume: Continue the study stored for this run instead of creating one.
-        model, tokenizer: An already loaded model, e.g. from tests; loaded from ``settings.model`` when None.
+        model, tokenizer: An already loaded model, e.g. from tests; loaded from ``settings.model``
+        when None.
     """
     hooks = hooks or RunHooks()
     if model is None:
@@ -237,7 +241,9 @@ def validate_front(
         done += 1
         hooks.validation_progress(done, total)
     for member in members:
-        measured[str(member.trial)] = evaluator.perplexity(groups.expand(member.group_windows), holdout)
+        measured[str(member.trial)] = evaluator.perplexity(
+            groups.expand(member.group_windows), holdout
+        )
         folder.update_metrics(holdout=measured)
         done += 1
         hooks.validation_progress(done, total)

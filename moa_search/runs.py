@@ -108,20 +108,28 @@ class RunFolder:
         try:
             return RunSettings.model_validate_json(path.read_text())
         except ValidationError as error:
-            raise RunFolderError(f"{str(path)!r} is invalid: {error.errors()[0]['msg']}") from error
+            raise RunFolderError(
+                f"{str(path)!r} is invalid: {error.errors()[0]['msg']}"
+            ) from error
 
-    def write_data(self, calibration: torch.Tensor, holdout: torch.Tensor, provenance: dict) -> None:
+    def write_data(
+        self, calibration: torch.Tensor, holdout: torch.Tensor, provenance: dict
+    ) -> None:
         """Store the packed calibration and held-out token ids, so later commands evaluate the same tokens."""
         self.path.mkdir(parents=True, exist_ok=True)
         temporary = self.file(DATA_FILE + ".tmp")
-        torch.save({"calibration": calibration, "holdout": holdout, "provenance": provenance}, temporary)
+        torch.save(
+            {"calibration": calibration, "holdout": holdout, "provenance": provenance}, temporary
+        )
         temporary.replace(self.file(DATA_FILE))
 
     def read_data(self) -> dict[str, Any]:
         """Load what :meth:`write_data` stored."""
         path = self.file(DATA_FILE)
         if not path.is_file():
-            raise RunFolderError(f"run folder {str(self.path)!r} has no {DATA_FILE}; start the run again")
+            raise RunFolderError(
+                f"run folder {str(self.path)!r} has no {DATA_FILE}; start the run again"
+            )
         return torch.load(path, weights_only=True)
 
     def read_metrics(self) -> dict[str, Any]:
@@ -133,7 +141,9 @@ class RunFolder:
         """Merge ``values`` into ``metrics.json`` and return the new content."""
         metrics = self.read_metrics()
         metrics.update(values)
-        write_text_atomic(self.file(METRICS_FILE), json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        write_text_atomic(
+            self.file(METRICS_FILE), json.dumps(metrics, indent=2, sort_keys=True) + "\n"
+        )
         return metrics
 
 

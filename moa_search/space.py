@@ -19,7 +19,9 @@ DEFAULT_SPACE = "default"
 class Granularity(str, Enum):
     """Unit that shares one searched window."""
 
-    KV_HEAD = "kv_head"  # query heads of one KV head share a window, so the KV cache really shrinks
+    KV_HEAD = (
+        "kv_head"  # query heads of one KV head share a window, so the KV cache really shrinks
+    )
     QUERY_HEAD = "query_head"  # every query head has its own window
 
 
@@ -61,8 +63,8 @@ class SearchSpace(BaseModel):
         """Resolve the candidate windows for sequences of ``seq_len`` tokens.
 
         Returns:
-            Distinct windows in ascending order, each below ``seq_len``, then None (full attention) last.
-            Windows of ``seq_len`` tokens or more are full attention and collapse into None.
+            Distinct windows in ascending order, each below ``seq_len``, then None (full attention)
+            last. Windows of ``seq_len`` tokens or more are full attention and collapse into None.
         """
         tokens = {w for w in self.windows if isinstance(w, int)}
         tokens |= {max(1, round(f * seq_len)) for f in self.fractions}
@@ -110,7 +112,9 @@ def load_space(name_or_path: str = DEFAULT_SPACE) -> SearchSpace:
             f"search space {str(path)!r} is not valid YAML: {_yaml_problem(error)}"
         ) from error
     if not isinstance(raw, dict):
-        raise ConfigError(f"search space {str(path)!r} must be a YAML mapping, got {type(raw).__name__}")
+        raise ConfigError(
+            f"search space {str(path)!r} must be a YAML mapping, got {type(raw).__name__}"
+        )
     raw.setdefault("name", path.stem)
     try:
         space = SearchSpace.model_validate(raw)

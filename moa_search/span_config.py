@@ -45,9 +45,13 @@ class SpanMetrics(BaseModel):
     dense_perplexity: float
     holdout_perplexity: float | None = None
     dense_holdout_perplexity: float | None = None
-    cost: float = Field(description="mean visible (query, key) pairs relative to dense causal attention")
+    cost: float = Field(
+        description="mean visible (query, key) pairs relative to dense causal attention"
+    )
     kv_fraction: float = Field(description="mean share of the KV cache kept per (layer, KV head)")
-    cost_lengths: list[int] = Field(description="sequence lengths the cost and KV fraction are averaged over")
+    cost_lengths: list[int] = Field(
+        description="sequence lengths the cost and KV fraction are averaged over"
+    )
 
 
 class SpanConfig(BaseModel):
@@ -81,7 +85,9 @@ class SpanConfig(BaseModel):
             )
         layers, heads = self.model.num_layers, self.model.num_query_heads
         if heads % self.model.num_kv_heads:
-            raise ValueError(f"{heads} query heads do not split over {self.model.num_kv_heads} KV heads")
+            raise ValueError(
+                f"{heads} query heads do not split over {self.model.num_kv_heads} KV heads"
+            )
         if len(self.windows) != layers or any(len(row) != heads for row in self.windows):
             raise ValueError(f"windows must be {layers} layers x {heads} query heads")
         for row in self.windows:
@@ -190,7 +196,9 @@ def load_span_config(path: str | Path) -> SpanConfig:
     try:
         return SpanConfig.model_validate(raw)
     except ValidationError as error:
-        raise ConfigError(f"span config {str(source)!r} is invalid: {_first_error(error)}") from error
+        raise ConfigError(
+            f"span config {str(source)!r} is invalid: {_first_error(error)}"
+        ) from error
 
 
 def apply_span_config(model: torch.nn.Module, config: SpanConfig | str | Path) -> SpanConfig:

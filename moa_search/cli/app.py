@@ -24,8 +24,8 @@ app = typer.Typer(
     add_completion=False,
 )
 
-# Results go to stdout; progress, logs and errors go to stderr. A piped table keeps 160 columns instead of
-# Rich's default 80, so window summaries stay readable in files.
+# Results go to stdout; progress, logs and errors go to stderr. A piped table keeps 160 columns
+# instead of Rich's default 80, so window summaries stay readable in files.
 stdout = Console(width=None if sys.stdout.isatty() else 160)
 stderr = Console(stderr=True)
 
@@ -52,7 +52,9 @@ def handle_errors(command: F) -> F:
 
 @app.callback()
 def configure(
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Log progress details.")
+    ] = False,
     debug: Annotated[
         bool, typer.Option("--debug", help="Show the full traceback of an error.")
     ] = False,
@@ -72,8 +74,8 @@ def configure(
     )
     for noisy in ("transformers", "datasets", "httpx", "filelock"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
-    # Optuna logs every trial, and a Ctrl-C as a failed trial with all its parameters. The progress bar
-    # reports the same in fewer lines, so Optuna's handler is removed and only its errors pass.
+    # Optuna logs every trial, and a Ctrl-C as a failed trial with all its parameters. The progress
+    # bar reports the same in fewer lines, so Optuna's handler is removed and only its errors pass.
     optuna.logging.disable_default_handler()
     optuna.logging.enable_propagation()
     optuna.logging.set_verbosity(logging.DEBUG if debug else logging.ERROR)
@@ -82,8 +84,8 @@ def configure(
 def main() -> None:
     """Entry point of the ``moa-search`` console script.
 
-    Usage errors that Click detects (an unknown option, a value outside a choice) get the same one-line form
-    as our own errors, with Click's exit status 2.
+    Usage errors that Click detects (an unknown option, a value outside a choice) get the same
+    one-line form as our own errors, with Click's exit status 2.
     """
     command = typer.main.get_command(app)
     try:
@@ -92,7 +94,8 @@ def main() -> None:
         stderr.print("aborted")
         sys.exit(130)
     except TyperException as error:
-        # Typer bundles its own Click; its usage errors derive from TyperException and carry a context.
+        # Typer bundles its own Click; its usage errors derive from TyperException and carry a
+        # context.
         message = error.format_message() if hasattr(error, "format_message") else str(error)
         if not message:
             sys.exit(0)  # no arguments at all: the help was printed

@@ -75,7 +75,8 @@ def span_map_table(
     """Tabulate, per layer and head group, the smallest window whose estimated NLL increase <= tolerance.
 
     Args:
-        losses: ``[groups, candidates]`` estimated NLL increases, candidates ascending with full last.
+        losses: ``[groups, candidates]`` estimated NLL increases, candidates ascending with full
+        last.
     """
     table = Table(title=f"Smallest window with estimated NLL increase <= {tolerance:g} (f = full)")
     table.add_column("layer", justify="right")
@@ -85,7 +86,9 @@ def span_map_table(
         cells = []
         for index in range(groups.groups_per_layer):
             row = losses[layer * groups.groups_per_layer + index]
-            window = next((candidates[c] for c, value in enumerate(row) if value <= tolerance), None)
+            window = next(
+                (candidates[c] for c, value in enumerate(row) if value <= tolerance), None
+            )
             cells.append("f" if window is None else str(window))
         table.add_row(str(layer), *cells)
     return table

@@ -246,4 +246,3 @@ def _profiling_model(model: torch.nn.Module, statistics: list[_LayerStatistics])
             parameter.requires_grad_(requires_grad)
         for module in modules:
             _LAYER_STATISTICS.pop(module, None)
-

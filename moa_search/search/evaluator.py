@@ -58,7 +58,9 @@ class WindowEvaluator:
             mean_kv_density(windows, self.num_kv_heads, self.cost_lengths, self.sink_tokens),
         )
 
-    def perplexity(self, windows: list[list[int | None]], input_ids: torch.Tensor | None = None) -> float:
+    def perplexity(
+        self, windows: list[list[int | None]], input_ids: torch.Tensor | None = None
+    ) -> float:
         """Return the perplexity of the model restricted to ``windows`` on the calibration ids (or others)."""
         set_windows(self.model, windows, self.sink_tokens)
         ids = self.input_ids if input_ids is None else input_ids

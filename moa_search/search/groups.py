@@ -12,8 +12,8 @@ from moa_search.space import Granularity
 class HeadGroups:
     """Maps searched groups to the query heads they cover.
 
-    With ``kv_head`` granularity a group is one (layer, KV head) and covers the query heads that read that KV
-    head; with ``query_head`` granularity a group is one (layer, query head).
+    With ``kv_head`` granularity a group is one (layer, KV head) and covers the query heads that
+    read that KV head; with ``query_head`` granularity a group is one (layer, query head).
     """
 
     shape: ModelShape

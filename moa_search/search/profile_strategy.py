@@ -1,18 +1,19 @@
 """Profile-guided search: a few Optuna parameters decoded into per-head windows by an exact knapsack.
 
-The profile estimates each head group's loss increase under every candidate window, one head at a time. Those
-estimates rank heads well but do not add up: restricting many heads at once costs far more than the sum of the
-single-head estimates (on stories260K, uniform 16-token windows raise the NLL by 0.175 while the estimates
-sum to -0.02), because errors compound through the layers. The measured uniform-window baselines carry exactly
-that compounding, so the decoded loss of group g under candidate c is
+The profile estimates each head group's loss increase under every candidate window, one head at a
+time. Those estimates rank heads well but do not add up: restricting many heads at once costs far
+more than the sum of the single-head estimates (on stories260K, uniform 16-token windows raise the
+NLL by 0.175 while the estimates sum to -0.02), because errors compound through the layers. The
+measured uniform-window baselines carry exactly that compounding, so the decoded loss of group g
+under candidate c is
 
     2**s[layer(g)] * estimate[g, c] + 2**mix * uniform[c]
 
-where ``uniform[c]`` is the measured NLL increase of the uniform config at window c divided by the number of
-groups. The multiple-choice knapsack gives the config with the least decoded loss under a cost target. Optuna
-searches what neither term can know: a log2 correction per layer, the log2 mixing weight, and the cost target
-between the cheapest config and the budget. Every decoded config is evaluated exactly, like in the direct
-strategy.
+where ``uniform[c]`` is the measured NLL increase of the uniform config at window c divided by the
+number of groups. The multiple-choice knapsack gives the config with the least decoded loss under a
+cost target. Optuna searches what neither term can know: a log2 correction per layer, the log2
+mixing weight, and the cost target between the cheapest config and the budget. Every decoded config
+is evaluated exactly, like in the direct strategy.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from moa_search.search.strategies import seeded_windows
 LOG2_SCALE_RANGE = (-3.0, 3.0)
 # Range of the log2 weight of the uniform-window term.
 LOG2_MIX_RANGE = (-4.0, 4.0)
-# Budgets at which the surrogate-optimal configs seed the study, besides shares of the run's budget.
+# Budgets at which the surrogate-optimal configs seed the study, besides shares of the run's
+# budget.
 SEED_BUDGETS = (0.1, 0.25, 0.5)
 SEED_BUDGET_SHARES = (0.25, 0.5, 0.75, 1.0)
 # Mixing weights (log2) of the seeded surrogate configs.
@@ -49,13 +51,18 @@ def group_loss(profile: HeadProfile, groups: HeadGroups) -> np.ndarray:
     """
     layers, heads, candidates = profile.loss_increase.shape
     per_group = groups.heads_per_group
-    return profile.loss_increase.reshape(layers, heads // per_group, per_group, candidates).sum(axis=2).reshape(
-        groups.num_groups, candidates
+    return (
+        profile.loss_increase.reshape(layers, heads // per_group, per_group, candidates)
+        .sum(axis=2)
+        .reshape(groups.num_groups, candidates)
     )
 
 
 def group_cost(
-    candidates: Sequence[int | None], groups: HeadGroups, cost_lengths: Sequence[int], sink_tokens: int
+    candidates: Sequence[int | None],
+    groups: HeadGroups,
+    cost_lengths: Sequence[int],
+    sink_tokens: int,
 ) -> np.ndarray:
     """Return the area density of each candidate, averaged over the cost lengths, for every group.
 
@@ -108,7 +115,9 @@ class ProfileStrategy:
         self.uniform = np.asarray(nll_increase, dtype=np.float64) / self.groups.num_groups
         self._decode.cache_clear()
 
-    def decode(self, log2_scales: Sequence[float], log2_mix: float, target: float) -> list[int | None]:
+    def decode(
+        self, log2_scales: Sequence[float], log2_mix: float, target: float
+    ) -> list[int | None]:
         """Solve the knapsack for the decoded loss under a cost target; returns one window per group."""
         scales = tuple(float(value) for value in log2_scales)
         return list(self._decode(scales, float(log2_mix), float(target)))

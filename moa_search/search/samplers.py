@@ -11,7 +11,9 @@ from moa_search.errors import ConfigError
 SAMPLERS = ("tpe", "nsga2", "nsga3", "gp", "random")
 
 
-def make_sampler(name: str, *, seed: int, population_size: int = 20) -> optuna.samplers.BaseSampler:
+def make_sampler(
+    name: str, *, seed: int, population_size: int = 20
+) -> optuna.samplers.BaseSampler:
     """Create a seeded sampler; every one reads the budget constraint set with ``trial.set_constraint``.
 
     Args:

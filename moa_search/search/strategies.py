@@ -8,7 +8,8 @@ import optuna
 
 from moa_search.search.groups import HeadGroups
 
-# User attribute of an enqueued trial that fixes its group windows (uniform baselines, surrogate optima).
+# User attribute of an enqueued trial that fixes its group windows (uniform baselines, surrogate
+# optima).
 SEED_WINDOWS_ATTR = "seed_windows"
 SEED_LABEL_ATTR = "seed"
 
@@ -36,8 +37,8 @@ def seeded_windows(trial: optuna.Trial) -> list[int | None] | None:
 class DirectStrategy:
     """One integer parameter per group: the index of its window among the candidates.
 
-    The index is ordinal (candidates ascend, full attention last), so TPE and GP can model that neighbouring
-    windows behave alike.
+    The index is ordinal (candidates ascend, full attention last), so TPE and GP can model that
+    neighbouring windows behave alike.
     """
 
     name = "direct"

@@ -34,12 +34,15 @@ def open_study(
     """Create a new two-objective study, or load an existing one when ``resume`` is set.
 
     Raises:
-        ConfigError: when resuming a study that does not exist, or creating one that already exists.
+        ConfigError: when resuming a study that does not exist, or creating one that already
+        exists.
     """
     optuna_sampler = make_sampler(sampler, seed=seed)
     if resume:
         try:
-            return optuna.load_study(study_name=study_name, storage=storage, sampler=optuna_sampler)
+            return optuna.load_study(
+                study_name=study_name, storage=storage, sampler=optuna_sampler
+            )
         except KeyError:
             raise ConfigError(
                 f"no study named {study_name!r} in {storage}; start it without --resume"
@@ -64,10 +67,11 @@ def make_objective(
 ) -> Callable[[optuna.Trial], tuple[float, float]]:
     """Build the objective ``trial -> (calibration perplexity, cost)``.
 
-    Every trial is evaluated exactly, feasible or not, and records its windows, cost and KV fraction as user
-    attributes; the budget enters as the constraint ``cost - budget <= 0``. A config that an earlier trial
-    of the study already evaluated reuses that perplexity (the forward passes are deterministic) and
-    records the earlier trial's number in the ``reused_trial`` attribute.
+    Every trial is evaluated exactly, feasible or not, and records its windows, cost and KV
+    fraction as user attributes; the budget enters as the constraint ``cost - budget <= 0``. A
+    config that an earlier trial of the study already evaluated reuses that perplexity (the forward
+    passes are deterministic) and records the earlier trial's number in the ``reused_trial``
+    attribute.
     """
     evaluated: dict[tuple[int | None, ...], tuple[int, float]] = {}
     for trial in completed_trials(study):
@@ -78,7 +82,8 @@ def make_objective(
     def objective(trial: optuna.Trial) -> tuple[float, float]:
         group_windows = seeded_windows(trial)
         if group_windows is None or strategy.seed_params(group_windows):
-            # Seeds the strategy can express also go through suggest, so the sampler sees their params.
+            # Seeds the strategy can express also go through suggest, so the sampler sees their
+            # params.
             group_windows = strategy.suggest(trial)
         windows = groups.expand(group_windows)
         cost, kv_fraction = evaluator.cost(windows)
@@ -103,7 +108,8 @@ def uniform_seeds(
 ) -> list[tuple[str, list[int | None]]]:
     """Return ``(label, group windows)`` for every uniform-window config, cheapest first.
 
-    Uniform windows are the baseline a per-head config has to beat (StreamingLLM-style local attention).
+    Uniform windows are the baseline a per-head config has to beat (StreamingLLM-style local
+    attention).
     """
     seeds = []
     for window in candidates:
@@ -118,12 +124,14 @@ def enqueue_missing_seeds(
 ) -> int:
     """Queue the seed configs that have neither finished nor been queued yet; return how many were queued.
 
-    A seed whose trial was interrupted (Ctrl-C marks it failed) is queued again, so a resumed study still
-    evaluates every baseline.
+    A seed whose trial was interrupted (Ctrl-C marks it failed) is queued again, so a resumed study
+    still evaluates every baseline.
     """
     present = {
         trial.user_attrs.get(SEED_LABEL_ATTR)
-        for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.WAITING))
+        for trial in study.get_trials(
+            deepcopy=False, states=(TrialState.COMPLETE, TrialState.WAITING)
+        )
     }
     queued = 0
     for label, group_windows in seeds:
