@@ -58,7 +58,7 @@ Windows = list[list[int | None]]
 
 @dataclass
 class Variant:
-    """One way to run the same evaluation; ``windows`` None means the stock sdpa attention."""
+    """One attention setup for the same evaluation. Its ``windows`` is None for the stock sdpa attention."""
 
     name: str
     windows: Windows | None
@@ -105,7 +105,7 @@ def time_call(function: Callable[[], float]) -> tuple[float, float]:
 
 
 def run_variant(model: torch.nn.Module, variant: Variant, ids: torch.Tensor, args: argparse.Namespace) -> float:
-    """Switch the model to the variant's attention, then time one evaluation; returns its seconds."""
+    """Switch the model to the variant's attention, then time one evaluation and return its seconds."""
     if variant.windows is None:
         remove_windows(model, "sdpa")
         seconds, result = time_call(lambda: perplexity(model, ids, batch_size=args.batch_size))

@@ -6,19 +6,33 @@ Prints markdown tables to stdout. Run from the repository root:
 
 The model is profiled once with both estimators (:func:`moa_search.profile.profile_estimators`)
 on the calibration sequences, with the candidate windows of ``--space`` and its sink tokens. Then
-two sets of configs are evaluated exactly with :func:`moa_search.evaluate.negative_log_likelihood`
+three sets of configs are evaluated exactly with :func:`moa_search.evaluate.negative_log_likelihood`
 over the same sequences, and each exact NLL increase (mean NLL per predicted token minus the dense
-one) is compared with the prediction:
+one) is compared with predictions:
 
 - single heads: every (layer, query head) alone at each of ``--single-windows``, all other heads
-  full; the prediction is that head's estimate.
+  full. The prediction is that head's estimate.
 - random configs: one window per KV head. Each config draws a centre ``c`` uniformly from the
   candidate indices, where full attention is the last index. Each KV head then takes the
   candidate at ``round(c + N(0, --spread))``, clipped to the index range. So the configs spread
-  from nearly all-smallest to nearly all-full windows. The prediction is
-  :meth:`moa_search.profile.HeadProfile.predict_loss_increase`, the sum of the heads' estimates.
+  from nearly all-smallest to nearly all-full windows.
+- shuffled configs: the ``--single-windows`` and full attention, spread equally over the KV heads
+  and shuffled. Every config has the same cost, so only the choice of which heads get the small
+  windows differs, which is the choice the profile has to guide.
 
-Spearman's rho measures whether the profile ranks configs right, which is what a search needs.
+Predictions of a whole config:
+
+- ``set`` and ``additive``: :meth:`moa_search.profile.HeadProfile.predict_loss_increase`, the sum
+  of the heads' estimates.
+- ``set + uniform term``: the decoded loss of the profile strategy
+  (:mod:`moa_search.search.profile_strategy`) with all its parameters neutral (log2 scales and log2
+  mix 0). Each KV head adds its estimate plus the measured NLL increase of the uniform config at its
+  window divided by the number of KV heads. The uniform configs are measured here too.
+- ``uniform term only`` and ``negated cost only``: references that use no profile. The modelled
+  attention cost is negated so that, like the others, a larger value predicts a larger loss. It is
+  not in NLL units, so its scale column is left empty.
+
+Spearman's rho measures whether a predictor ranks configs right, which is what a search needs.
 Pearson's r and the ratio of summed measured to summed predicted increase show whether the
 estimates also have the right scale.
 """
@@ -27,8 +41,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import random
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -41,11 +58,13 @@ from moa_search.evaluate import negative_log_likelihood
 from moa_search.models import load_model, model_shape
 from moa_search.profile import HeadProfile, profile_estimators
 from moa_search.search.groups import HeadGroups
+from moa_search.search.profile_strategy import group_loss
 from moa_search.space import load_space
 
 ESTIMATORS = ("set", "additive")
 
 Windows = list[list[int | None]]
+GroupWindows = list[int | None]
 
 
 def mean_nll(model: torch.nn.Module, ids: torch.Tensor, windows: Windows, sink_tokens: int, batch_size: int) -> float:
@@ -55,17 +74,17 @@ def mean_nll(model: torch.nn.Module, ids: torch.Tensor, windows: Windows, sink_t
     return total / count
 
 
-def correlation_row(label: str, estimator: str, predicted: np.ndarray, measured: np.ndarray) -> dict:
-    """Compare predicted and measured NLL increases of one set of configs."""
-    rho = spearmanr(predicted, measured).statistic
-    r = pearsonr(predicted, measured).statistic
+def correlation_row(
+    label: str, predictor: str, predicted: np.ndarray, measured: np.ndarray, in_nll: bool = True
+) -> dict:
+    """Compare a predictor with the measured NLL increases of one set of configs."""
     return {
         "set": label,
-        "estimator": estimator,
+        "predictor": predictor,
         "configs": len(measured),
-        "spearman": float(rho),
-        "pearson": float(r),
-        "measured_over_predicted": float(measured.sum() / predicted.sum()),
+        "spearman": float(spearmanr(predicted, measured).statistic),
+        "pearson": float(pearsonr(predicted, measured).statistic),
+        "measured_over_predicted": float(measured.sum() / predicted.sum()) if in_nll else None,
     }
 
 
@@ -84,13 +103,69 @@ def single_head_configs(
 
 
 def random_group_windows(
-    candidates: list[int | None], num_groups: int, spread: float, rng: np.random.Generator
-) -> list[int | None]:
+    candidates: GroupWindows, num_groups: int, spread: float, rng: np.random.Generator
+) -> GroupWindows:
     """Draw one config: every group's candidate index scatters around a random centre."""
     last = len(candidates) - 1
     centre = rng.uniform(0, last)
     indices = np.clip(np.rint(centre + rng.normal(0.0, spread, num_groups)), 0, last).astype(int)
     return [candidates[index] for index in indices]
+
+
+def shuffled_group_windows(windows: GroupWindows, num_groups: int, count: int, seed: int) -> list[GroupWindows]:
+    """Spread ``windows`` equally over the groups, then return ``count`` distinct shuffles.
+
+    Raises:
+        ValueError: when fewer than ``count`` distinct arrangements exist.
+    """
+    base = [windows[index % len(windows)] for index in range(num_groups)]
+    arrangements = math.factorial(num_groups)
+    for window in set(base):
+        arrangements //= math.factorial(base.count(window))
+    if count > arrangements:
+        raise ValueError(f"{count} shuffled configs requested, but only {arrangements} distinct ones exist")
+    generator = random.Random(seed)
+    configs: list[GroupWindows] = []
+    seen: set[tuple[int | None, ...]] = set()
+    while len(configs) < count:
+        config = base[:]
+        generator.shuffle(config)
+        if tuple(config) not in seen:
+            seen.add(tuple(config))
+            configs.append(config)
+    return configs
+
+
+def measure(
+    evaluate: Callable[[Windows], float], configs: list[Windows], dense: float
+) -> tuple[np.ndarray, float]:
+    """Return the exact NLL increase of every config and the seconds it took."""
+    start = time.perf_counter()
+    increases = np.array([evaluate(config) - dense for config in configs])
+    return increases, time.perf_counter() - start
+
+
+def whole_config_predictions(
+    group_configs: list[GroupWindows],
+    groups: HeadGroups,
+    profiles: dict[str, HeadProfile],
+    candidates: GroupWindows,
+    uniform_increase: np.ndarray,
+    costs: list[float],
+) -> dict[str, tuple[np.ndarray, bool]]:
+    """Return predictor name -> (prediction per config, whether it is in NLL units)."""
+    columns = np.array([[candidates.index(window) for window in config] for config in group_configs])
+    rows = np.arange(groups.num_groups)
+    set_per_group = group_loss(profiles["set"], groups)  # [groups, candidates]
+    uniform_term = (uniform_increase / groups.num_groups)[columns].sum(axis=1)
+    predictions = {
+        name: (np.array([profile.predict_loss_increase(groups.expand(c)) for c in group_configs]), True)
+        for name, profile in profiles.items()
+    }
+    predictions["set + uniform term"] = (set_per_group[rows, columns].sum(axis=1) + uniform_term, True)
+    predictions["uniform term only"] = (uniform_term, True)
+    predictions["negated cost only"] = (-np.asarray(costs), False)
+    return predictions
 
 
 def main() -> None:
@@ -121,7 +196,8 @@ def main() -> None:
         default=2.0,
         help="standard deviation, in candidate indices, of a KV head's window around its config's centre",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random configs")
+    parser.add_argument("--shuffled-configs", type=int, default=30, help="shuffled configs of equal cost")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random and shuffled configs")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads; 1 keeps timings steady on a shared machine"
     )
@@ -138,6 +214,7 @@ def main() -> None:
 
     model, tokenizer = load_model(args.model, dtype="float32")
     shape = model_shape(model)
+    groups = HeadGroups(shape, space.granularity)
     ids = load_calibration_data(
         tokenizer,
         args.dataset,
@@ -158,44 +235,45 @@ def main() -> None:
     )
     profile_seconds = time.perf_counter() - start
 
-    full: Windows = [[None] * shape.num_query_heads for _ in range(shape.num_layers)]
+    full = groups.expand([None] * groups.num_groups)
     apply_windows(model, full, sink_tokens)
-    dense = mean_nll(model, ids, full, sink_tokens, args.batch_size)
+
+    def evaluate(windows: Windows) -> float:
+        return mean_nll(model, ids, windows, sink_tokens, args.batch_size)
+
+    dense = evaluate(full)
 
     # Single heads.
-    start = time.perf_counter()
     singles = single_head_configs(shape.num_layers, shape.num_query_heads, args.single_windows)
-    single_measured = np.array(
-        [mean_nll(model, ids, config, sink_tokens, args.batch_size) - dense for *_, config in singles]
-    )
-    single_seconds = time.perf_counter() - start
+    single_measured, single_seconds = measure(evaluate, [entry[3] for entry in singles], dense)
     single_predicted = {
         name: np.array(
-            [
-                profile.loss_increase[layer, head, candidates.index(window)]
-                for layer, head, window, _ in singles
-            ]
+            [profile.loss_increase[layer, head, candidates.index(window)] for layer, head, window, _ in singles]
         )
         for name, profile in profiles.items()
     }
 
-    # Random whole configs.
-    groups = HeadGroups(shape, space.granularity)
+    # Uniform configs, for the profile strategy's uniform term.
+    uniform_configs = [groups.expand([window] * groups.num_groups) for window in candidates]
+    uniform_increase, uniform_seconds = measure(evaluate, uniform_configs, dense)
+
+    # Random and shuffled whole configs.
     rng = np.random.default_rng(args.seed)
-    configs = [
-        groups.expand(random_group_windows(candidates, groups.num_groups, args.spread, rng))
-        for _ in range(args.configs)
+    random_groups = [
+        random_group_windows(candidates, groups.num_groups, args.spread, rng) for _ in range(args.configs)
     ]
-    start = time.perf_counter()
-    config_measured = np.array(
-        [mean_nll(model, ids, config, sink_tokens, args.batch_size) - dense for config in configs]
-    )
-    config_seconds = time.perf_counter() - start
-    config_predicted = {
-        name: np.array([profile.predict_loss_increase(config) for config in configs])
-        for name, profile in profiles.items()
-    }
-    costs = [mean_area_density(config, [args.seq_len], sink_tokens) for config in configs]
+    shuffle_windows: GroupWindows = [*args.single_windows, None]
+    shuffled_groups = shuffled_group_windows(shuffle_windows, groups.num_groups, args.shuffled_configs, args.seed)
+    whole_sets = {"random configs": random_groups, "shuffled configs": shuffled_groups}
+    whole_results = {}
+    for label, group_configs in whole_sets.items():
+        configs = [groups.expand(config) for config in group_configs]
+        measured, seconds = measure(evaluate, configs, dense)
+        costs = [mean_area_density(config, [args.seq_len], sink_tokens) for config in configs]
+        predictions = whole_config_predictions(
+            group_configs, groups, profiles, candidates, uniform_increase, costs
+        )
+        whole_results[label] = (group_configs, measured, seconds, costs, predictions)
 
     rows = []
     for name in ESTIMATORS:
@@ -207,7 +285,11 @@ def main() -> None:
                     f"single heads, W={window}", name, single_predicted[name][chosen], single_measured[chosen]
                 )
             )
-        rows.append(correlation_row("random configs", name, config_predicted[name], config_measured))
+    for label, (_, measured, _, _, predictions) in whole_results.items():
+        for name, (predicted, in_nll) in predictions.items():
+            if np.allclose(predicted, predicted[0], rtol=1e-9, atol=0.0):
+                continue  # Constant over the set, like cost on shuffled configs, so it ranks nothing.
+            rows.append(correlation_row(label, name, predicted, measured, in_nll))
 
     load = " ".join(f"{value:.2f}" for value in os.getloadavg())
     print(
@@ -217,24 +299,36 @@ def main() -> None:
         f"{torch.get_num_threads()} thread(s), load average {load} at the end"
     )
     print()
-    print("| configs | estimator | n | Spearman rho | Pearson r | measured / predicted (sums) |")
+    print("| configs | predictor | n | Spearman rho | Pearson r | measured / predicted (sums) |")
     print("|---|---|---|---|---|---|")
     for row in rows:
+        scale = "-" if row["measured_over_predicted"] is None else f"{row['measured_over_predicted']:.2f}"
         print(
-            f"| {row['set']} | {row['estimator']} | {row['configs']} | {row['spearman']:.3f} | "
-            f"{row['pearson']:.3f} | {row['measured_over_predicted']:.2f} |"
+            f"| {row['set']} | {row['predictor']} | {row['configs']} | {row['spearman']:.3f} | "
+            f"{row['pearson']:.3f} | {scale} |"
         )
     print()
+    for label, (_, measured, _, costs, _) in whole_results.items():
+        print(
+            f"- {label}: cost {min(costs):.3f} to {max(costs):.3f}, measured NLL increase "
+            f"{measured.min():.4f} to {measured.max():.4f}."
+        )
     print(
-        f"Random configs: cost {min(costs):.3f} to {max(costs):.3f}, measured NLL increase "
-        f"{config_measured.min():.4f} to {config_measured.max():.4f}."
+        "- uniform configs, measured NLL increase: "
+        + ", ".join(
+            f"{'full' if window is None else window}: {increase:.4f}"
+            for window, increase in zip(candidates, uniform_increase, strict=True)
+        )
+        + "."
     )
     print()
-    print("| step | evaluations | seconds |")
+    print("| step | exact evaluations | seconds |")
     print("|---|---|---|")
     print(f"| profile, both estimators, one pass | - | {profile_seconds:.1f} |")
-    print(f"| exact, single heads | {len(singles)} | {single_seconds:.1f} |")
-    print(f"| exact, random configs | {len(configs)} | {config_seconds:.1f} |")
+    print(f"| single heads | {len(singles)} | {single_seconds:.1f} |")
+    print(f"| uniform configs | {len(uniform_configs)} | {uniform_seconds:.1f} |")
+    for label, (group_configs, _, seconds, _, _) in whole_results.items():
+        print(f"| {label} | {len(group_configs)} | {seconds:.1f} |")
 
     if args.json:
         with open(args.json, "w") as stream:
@@ -242,11 +336,13 @@ def main() -> None:
                 {
                     "dense_nll": dense,
                     "candidates": candidates,
+                    "uniform_increase": uniform_increase.tolist(),
                     "rows": rows,
                     "seconds": {
                         "profile": profile_seconds,
                         "single_heads": single_seconds,
-                        "random_configs": config_seconds,
+                        "uniform": uniform_seconds,
+                        **{label: result[2] for label, result in whole_results.items()},
                     },
                     "single_heads": [
                         {
@@ -258,15 +354,18 @@ def main() -> None:
                         }
                         for index, (layer, head, window, _) in enumerate(singles)
                     ],
-                    "random_configs": [
-                        {
-                            "cost": costs[index],
-                            "measured": float(config_measured[index]),
-                            **{name: float(config_predicted[name][index]) for name in ESTIMATORS},
-                            "group_windows": [row[:: groups.heads_per_group] for row in config],
-                        }
-                        for index, config in enumerate(configs)
-                    ],
+                    **{
+                        label: [
+                            {
+                                "group_windows": group_configs[index],
+                                "cost": costs[index],
+                                "measured": float(measured[index]),
+                                **{name: float(values[index]) for name, (values, _) in predictions.items()},
+                            }
+                            for index in range(len(group_configs))
+                        ]
+                        for label, (group_configs, measured, _, costs, predictions) in whole_results.items()
+                    },
                 },
                 stream,
                 indent=2,

@@ -479,6 +479,10 @@ def main() -> None:
     feasible = [point for record in records for point in record.evaluations if point[0] <= args.budget]
     reference_front = non_dominated(feasible)
     reference_hv = hypervolume(reference_front, reference)
+    run_points = [set(record.evaluations) for record in records]
+    method_runs = {
+        method: [index for index, record in enumerate(records) if record.method == method] for method in args.methods
+    }
     for record in records:
         record.hv_trace = [
             hypervolume(record.evaluations[: count + 1], reference) for count in range(len(record.evaluations))
@@ -486,7 +490,7 @@ def main() -> None:
 
     load = " ".join(f"{value:.2f}" for value in os.getloadavg())
     print(
-        f"stories260K-style run: {args.num_samples} calibration + {args.holdout} held-out sequences of "
+        f"{Path(args.model).name}: {args.num_samples} calibration + {args.holdout} held-out sequences of "
         f"{args.seq_len} tokens, space {args.space!r}, budget {args.budget}, seeds {args.seeds}, "
         f"torch {torch.__version__}, optuna {optuna.__version__}, {args.threads} thread(s), "
         f"load average {load} at the end"
@@ -497,6 +501,11 @@ def main() -> None:
         f"reference front: {len(reference_front)} configs from {len(feasible)} feasible evaluations, "
         f"hypervolume {reference_hv:.6f}."
     )
+    found_by = ", ".join(
+        f"{method} {sum(any(point in run_points[record_index] for record_index in indices) for point in reference_front)}"
+        for method, indices in method_runs.items()
+    )
+    print(f"Reference front configs found by each method (any seed): {found_by}.")
     print()
     medians = print_efficiency(records, args, reference_hv)
     print()

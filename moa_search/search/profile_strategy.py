@@ -1,8 +1,9 @@
 """Profile-guided search: a few Optuna parameters decoded into per-head windows by an exact knapsack.
 
 The profile estimates each head group's loss increase under every candidate window, one head at a
-time. Those estimates rank heads well but do not add up: restricting many heads at once costs far
-more than the sum of the single-head estimates (on stories260K, uniform 16-token windows raise the
+time. Those estimates carry some signal about single heads (on stories260K, Spearman 0.54 against
+measured single-head changes) but do not add up: restricting many heads at once costs far more
+than the sum of the single-head estimates (on stories260K, uniform 16-token windows raise the
 NLL by 0.175 while the estimates sum to -0.02), because errors compound through the layers. The
 measured uniform-window baselines carry exactly that compounding, so the decoded loss of group g
 under candidate c is
