@@ -94,6 +94,8 @@ def export(
     if pareto:
         if trial is not None:
             raise ConfigError("--pareto exports every front member; drop --trial")
+        if str(output) == "-":
+            raise ConfigError("--pareto writes one file per front member; pass a folder to --output")
         if output.exists() and not output.is_dir():
             raise ConfigError(f"--output {str(output)!r} is a file; --pareto needs a folder")
         configs = [span_config_for_trial(results, member.trial) for member in results.front()]
