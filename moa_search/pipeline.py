@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -147,6 +148,33 @@ def run_search(
         when None.
     """
     hooks = hooks or RunHooks()
+    created_folder = not folder.path.exists()
+    try:
+        return _run_search(settings, folder, resume, model, tokenizer, hooks)
+    except BaseException:
+        # A new run that failed or was interrupted before its study held a trial leaves nothing
+        # worth resuming, so its folder goes; a run with finished trials keeps its folder.
+        if created_folder and not _has_trials(settings):
+            shutil.rmtree(folder.path, ignore_errors=True)
+        raise
+
+
+def _has_trials(settings: RunSettings) -> bool:
+    try:
+        study = optuna.load_study(study_name=settings.study_name, storage=settings.storage)
+    except Exception:  # no study yet, or no storage at all
+        return False
+    return len(study.get_trials(deepcopy=False)) > 0
+
+
+def _run_search(
+    settings: RunSettings,
+    folder: RunFolder,
+    resume: bool,
+    model: torch.nn.Module | None,
+    tokenizer,
+    hooks: RunHooks,
+) -> RunOutcome:
     if model is None:
         hooks.stage(f"loading {settings.model}")
         model, tokenizer = load_model(settings.model, dtype=settings.dtype, device=settings.device)

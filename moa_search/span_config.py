@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
 
 from moa_search.attention import apply_windows
 from moa_search.cost import kv_windows
 from moa_search.errors import ConfigError
-from moa_search.masks import WINDOW_CONVENTION
+from moa_search.masks import FULL_WINDOW, WINDOW_CONVENTION
 from moa_search.models import model_shape
 from moa_search.space import Granularity
 
@@ -66,12 +66,12 @@ class SpanConfig(BaseModel):
 
     schema_name: Literal["moa-search/span-config"] = Field(default=SCHEMA_NAME, alias="schema")
     schema_version: Literal[1] = SCHEMA_VERSION
-    convention: str = WINDOW_CONVENTION
+    convention: str
     model: ModelInfo
     granularity: Granularity
     sink_tokens: int = Field(ge=0)
-    windows: list[list[int | None]]
-    kv_windows: list[list[int | None]]
+    windows: list[list[StrictInt | None]]
+    kv_windows: list[list[StrictInt | None]]
     metrics: SpanMetrics | None = None
     calibration: dict[str, Any] = Field(default_factory=dict)
     search: dict[str, Any] = Field(default_factory=dict)
@@ -92,8 +92,10 @@ class SpanConfig(BaseModel):
             raise ValueError(f"windows must be {layers} layers x {heads} query heads")
         for row in self.windows:
             for window in row:
-                if window is not None and window < 1:
-                    raise ValueError(f"window {window} must be >= 1 or null")
+                if window is not None and not 1 <= window < FULL_WINDOW:
+                    raise ValueError(
+                        f"window {window} must be a whole number from 1 to 2**62 or null"
+                    )
         if self.kv_windows != kv_windows(self.windows, self.model.num_kv_heads):
             raise ValueError("kv_windows must be the largest window of each KV head's query heads")
         if self.granularity is Granularity.KV_HEAD:
@@ -121,6 +123,7 @@ def build_span_config(
     """Build a validated span config; ``kv_windows`` is derived from ``windows``."""
     try:
         return SpanConfig(
+            convention=WINDOW_CONVENTION,
             model=model,
             granularity=granularity,
             sink_tokens=sink_tokens,

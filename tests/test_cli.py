@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -558,7 +559,8 @@ def test_ctrl_c_keeps_finished_trials(
     ]
     stopped = invoke(*common, *SMALL_RUN_OPTIONS, "--trials", 6)
 
-    assert_success(stopped)
+    # 130 = 128 + SIGINT, after the front is printed.
+    assert stopped.exit_code == 130, stopped.output
     assert "interrupted" in stopped.stderr
     rows = json.loads(stopped.stdout)
     assert {row["trial"] for row in rows} <= {0, 1, 2}
@@ -603,7 +605,7 @@ def test_ctrl_c_resume_runs_every_baseline(
         "--name", "stopped",
         "--space", tiny_space,
     ]
-    assert_success(invoke(*common, *SMALL_RUN_OPTIONS, "--trials", 3))
+    assert invoke(*common, *SMALL_RUN_OPTIONS, "--trials", 3).exit_code == 130
     monkeypatch.setattr(WindowEvaluator, "perplexity", original)
     assert_success(invoke(*common, "--resume"))
 
@@ -971,3 +973,56 @@ def test_command_help(command: str) -> None:
 
     assert_success(result)
     assert "Usage:" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        # The cheapest config of the default space costs about 0.12 at 128 tokens.
+        (["--budget", "0.001"], r"--budget 0\.001 is below 0\.1\d+, the cost of the cheapest config"),
+        # The profile counts at most seq_len - 1 predicted tokens.
+        (["--supervised-tokens", "1000"], r"invalid --supervised-tokens 1000: use 1 to 127"),
+        # The window-count limit only shapes the knapsack decoding of the profile strategy.
+        (["--strategy", "direct", "--max-windows-per-layer", "1"], "needs --strategy profile"),
+        # A run name is one folder below --output-dir.
+        (["--name", "../escape"], r"invalid --name '\.\./escape'"),
+        # This torch build has no CUDA.
+        (["--device", "cuda:7"], "not available|invalid --device"),
+        (["--device", "toaster"], "invalid --device 'toaster'"),
+        # SQLAlchemy has no such dialect.
+        (["--storage", "foo://bar"], "invalid Optuna storage 'foo://bar'"),
+    ],
+)
+def test_run_rejects_bad_settings(
+    extra: list[str], match: str, tmp_path: Path, stories_path: Path, tinystories_path: Path
+) -> None:
+    args = [
+        "run", "--model", stories_path, "--dataset", tinystories_path, "--budget", "0.5",
+        "--output-dir", tmp_path, "--seq-len", "128", "--num-samples", "1", "--holdout", "0",
+        "--trials", "2",
+    ]
+    for flag, value in zip(extra[::2], extra[1::2], strict=True):
+        if flag in args:
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
+
+    line = assert_one_error_line(invoke(*args))
+
+    assert re.search(match, line), line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_to_missing_folder_fails(main_run: MainRun, tmp_path: Path) -> None:
+    line = assert_one_error_line(
+        invoke("export", main_run.folder, "-o", tmp_path / "missing" / "spans.json")
+    )
+
+    assert "does not exist" in line
+    assert not (tmp_path / "missing").exists()
+
+
+def test_export_pareto_to_stdout_fails(main_run: MainRun) -> None:
+    line = assert_one_error_line(invoke("export", main_run.folder, "--pareto", "-o", "-"))
+
+    assert "pass a folder" in line

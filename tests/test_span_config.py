@@ -117,9 +117,13 @@ def test_query_head_accepts_split_group() -> None:
         # A row with 3 heads.
         ([[8, 8, 8, 8], [8, 8, 8]], "2 layers x 4 query heads"),
         # Window 0 would hide every key, even the query's own position.
-        ([[0, 0, 8, 8], [8, 8, 8, 8]], "window 0 must be >= 1"),
+        ([[0, 0, 8, 8], [8, 8, 8, 8]], r"window 0 must be a whole number from 1 to 2\*\*62"),
         # Negative windows are as invalid as 0.
-        ([[-4, -4, 8, 8], [8, 8, 8, 8]], "window -4 must be >= 1"),
+        ([[-4, -4, 8, 8], [8, 8, 8, 8]], r"window -4 must be a whole number from 1"),
+        # Beyond the full-window marker, a window would overflow int64.
+        ([[10**30] * 4, [8, 8, 8, 8]], r"must be a whole number from 1 to 2\*\*62"),
+        # A boolean is not a window, even though Python treats True as 1.
+        ([[True, True, 8, 8], [8, 8, 8, 8]], r"valid integer"),
     ],
 )
 def test_build_rejects_bad_windows(windows: list[list[int | None]], match: str) -> None:
@@ -313,3 +317,14 @@ def test_apply_rejects_other_shape(
 
     with pytest.raises(ConfigError, match=r"but the model has 2 x 4 x 2"):
         apply_span_config(model, config)
+
+
+def test_load_rejects_missing_convention(tmp_path: Path) -> None:
+    """A file without the convention sentence cannot say how its windows are meant."""
+    raw = json.loads(span_config_json(build(KV_HEAD_WINDOWS, Granularity.KV_HEAD)))
+    del raw["convention"]
+    path = tmp_path / "spans.json"
+    path.write_text(json.dumps(raw))
+
+    with pytest.raises(ConfigError, match="convention"):
+        load_span_config(path)

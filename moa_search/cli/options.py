@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from enum import Enum
+from pathlib import Path
 
 import torch
 
+from moa_search.errors import ConfigError
 from moa_search.search.samplers import SAMPLERS
 
 SamplerName = Enum("SamplerName", {name: name for name in SAMPLERS}, type=str)  # type: ignore[misc]
@@ -42,3 +44,26 @@ OUTPUT_PANEL = "Output"
 def default_device() -> str:
     """Return cuda when a GPU is visible, else cpu."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_device(device: str) -> str:
+    """Return ``device`` if torch can use it; raise :class:`ConfigError` otherwise."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"invalid --device {device!r}: use cpu, cuda, cuda:N or mps") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device!r} is not available: torch sees no CUDA GPU; use cpu")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {device!r} is not available on this machine; use cpu")
+    return device
+
+
+def check_output_file(path: Path) -> None:
+    """Raise :class:`ConfigError` unless ``path`` can be written as a file in an existing folder."""
+    if path.is_dir():
+        raise ConfigError(f"--output {str(path)!r} is a folder; pass a file path")
+    if not path.parent.is_dir():
+        raise ConfigError(
+            f"--output {str(path)!r}: folder {str(path.parent)!r} does not exist; create it first"
+        )

@@ -10,7 +10,14 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from moa_search.cli.app import app, handle_errors, stderr, stdout
-from moa_search.cli.options import DATA_PANEL, DEFAULT_SEQ_LEN, EstimatorName, default_device
+from moa_search.cli.options import (
+    DATA_PANEL,
+    DEFAULT_SEQ_LEN,
+    EstimatorName,
+    check_device,
+    check_output_file,
+    default_device,
+)
 from moa_search.cli.render import span_map_table
 from moa_search.data import load_calibration_data
 from moa_search.models import load_model, model_shape
@@ -49,7 +56,7 @@ def profile(
         int | None,
         typer.Option(
             min=2,
-            help=f"Tokens per sequence [default: {DEFAULT_SEQ_LEN} or the model's positions].",
+            help=f"Tokens per sequence \\[default: {DEFAULT_SEQ_LEN} or the model's positions].",
             rich_help_panel=DATA_PANEL,
         ),
     ] = None,
@@ -78,13 +85,16 @@ def profile(
     ] = 1,
     dtype: Annotated[str, typer.Option(help="Model dtype.")] = "float32",
     device: Annotated[
-        str | None, typer.Option(help="Torch device [default: cuda when available].")
+        str | None, typer.Option(help="Torch device \\[default: cuda when available].")
     ] = None,
 ) -> None:
     """Estimate every head's loss increase under every candidate window and write the profile."""
+    check_output_file(output)
     search_space = load_space(space)
     stderr.print(f"loading {model} …", highlight=False)
-    loaded, tokenizer = load_model(model, dtype=dtype, device=device or default_device())
+    loaded, tokenizer = load_model(
+        model, dtype=dtype, device=check_device(device or default_device())
+    )
     info = model_info_of(loaded, model)
     length = seq_len or min(DEFAULT_SEQ_LEN, info.max_positions or DEFAULT_SEQ_LEN)
     data = load_calibration_data(

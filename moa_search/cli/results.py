@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from moa_search.cli.app import app, handle_errors, stderr, stdout
-from moa_search.cli.options import FrontFormat
+from moa_search.cli.options import FrontFormat, check_output_file
 from moa_search.cli.render import front_rich_table, front_text
 from moa_search.errors import ConfigError
 from moa_search.export import RunResults, load_run, recommended_trial, span_config_for_trial
@@ -78,7 +78,7 @@ def export(
     trial: Annotated[
         int | None,
         typer.Option(
-            min=0, help="Trial number to export [default: the recommended front member]."
+            min=0, help="Trial number to export \\[default: the recommended front member]."
         ),
     ] = None,
     pareto: Annotated[
@@ -95,7 +95,9 @@ def export(
         if trial is not None:
             raise ConfigError("--pareto exports every front member; drop --trial")
         if str(output) == "-":
-            raise ConfigError("--pareto writes one file per front member; pass a folder to --output")
+            raise ConfigError(
+                "--pareto writes one file per front member; pass a folder to --output"
+            )
         if output.exists() and not output.is_dir():
             raise ConfigError(f"--output {str(output)!r} is a file; --pareto needs a folder")
         configs = [span_config_for_trial(results, member.trial) for member in results.front()]
@@ -103,6 +105,8 @@ def export(
             save_span_config(config, output / f"trial-{config.search['trial']}.json")
         stderr.print(f"wrote {len(configs)} span configs to {output}", highlight=False)
         return
+    if str(output) != "-":
+        check_output_file(output)
     number = recommended_trial(results) if trial is None else trial
     config = span_config_for_trial(results, number)
     if str(output) == "-":

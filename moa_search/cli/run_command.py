@@ -20,9 +20,11 @@ from moa_search.cli.options import (
     FrontFormat,
     SamplerName,
     StrategyName,
+    check_device,
     default_device,
 )
 from moa_search.cli.results import print_front
+from moa_search.cost import mean_area_density
 from moa_search.errors import ConfigError, RunFolderError
 from moa_search.models import load_model
 from moa_search.pipeline import RunHooks, model_info_of, run_search
@@ -55,12 +57,29 @@ def _resolve_settings(
                 f"run {folder.name!r} searched model {stored.model!r}, not {model_id!r}; "
                 "resume with the same --model"
             )
-        updates = {key: values[key] for key in ("trials", "timeout") if values[key] is not None}
+        updates = {
+            key: values[key]
+            for key in ("trials", "timeout", "batch_size")
+            if values[key] is not None
+        }
         return stored.model_copy(update=updates)
     space = load_space(values["space"])
     info = model_info_of(model, model_id)
     seq_len = values["seq_len"] or min(DEFAULT_SEQ_LEN, info.max_positions or DEFAULT_SEQ_LEN)
     candidates = list(space.candidates(seq_len))
+    cost_lengths = values["cost_lengths"] or [seq_len]
+    cheapest = mean_area_density([[candidates[0]]], cost_lengths, space.sink_tokens)
+    if values["budget"] < cheapest:
+        raise ConfigError(
+            f"--budget {values['budget']} is below {cheapest:.4f}, the cost of the cheapest config "
+            f"(every head at window {candidates[0]}) in space {space.name!r}; raise --budget or use a "
+            "space with smaller windows"
+        )
+    supervised = values["supervised_tokens"]
+    if supervised is not None and supervised >= seq_len:
+        raise ConfigError(
+            f"invalid --supervised-tokens {supervised}: use 1 to {seq_len - 1} (below --seq-len)"
+        )
     storage = values["storage"] or folder.default_storage()
     return RunSettings(
         model=model_id,
@@ -85,7 +104,7 @@ def _resolve_settings(
         max_windows_per_layer=values["max_windows_per_layer"],
         space=space,
         candidates=candidates,
-        cost_lengths=values["cost_lengths"] or [seq_len],
+        cost_lengths=cost_lengths,
         storage=storage,
         study_name=folder.name,
         model_info=info,
@@ -108,7 +127,6 @@ _RESUME_FIXED = (
     "max_windows_per_layer",
     "sampler",
     "seed",
-    "batch_size",
     "dtype",
     "storage",
 )
@@ -117,11 +135,13 @@ _RESUME_FIXED = (
 def _check_resume_options(ctx: typer.Context, settings: RunSettings, values: dict) -> None:
     """Reject options given on the command line that differ from the resumed run's settings."""
     stored = settings.model_dump()
-    for option in _RESUME_FIXED:
+    stored["space"] = settings.space.name
+    for option in (*_RESUME_FIXED, "space", "cost_lengths"):
         source = ctx.get_parameter_source(option)
         if source is None or source.name != "COMMANDLINE":
             continue
-        if values[option] != stored[option]:
+        given = Path(values[option]).stem if option == "space" else values[option]
+        if given != stored[option]:
             flag = "--" + option.replace("_", "-")
             raise ConfigError(
                 f"{flag} {values[option]!r} differs from the resumed run's {stored[option]!r}; drop it "
@@ -166,7 +186,7 @@ def run(
         int | None,
         typer.Option(
             min=2,
-            help=f"Tokens per calibration sequence [default: {DEFAULT_SEQ_LEN} or the model's positions].",
+            help=f"Tokens per calibration sequence \\[default: {DEFAULT_SEQ_LEN} or the model's positions].",
             rich_help_panel=DATA_PANEL,
         ),
     ] = None,
@@ -206,7 +226,7 @@ def run(
         int | None,
         typer.Option(
             min=1,
-            help="Profile the loss of only the last N tokens of each sequence [default: all].",
+            help="Profile the loss of only the last N tokens of each sequence \\[default: all].",
             rich_help_panel=SEARCH_PANEL,
         ),
     ] = None,
@@ -225,7 +245,7 @@ def run(
         int | None,
         typer.Option(
             min=1,
-            help="Total finished trials, uniform baselines included [default: 100].",
+            help="Total finished trials, uniform baselines included \\[default: 100].",
             rich_help_panel=SEARCH_PANEL,
         ),
     ] = None,
@@ -243,7 +263,7 @@ def run(
         typer.Option(
             "--cost-length",
             min=1,
-            help="Sequence length the cost is modelled at; repeat to average [default: --seq-len].",
+            help="Sequence length the cost is modelled at; repeat to average \\[default: --seq-len].",
             rich_help_panel=SEARCH_PANEL,
         ),
     ] = None,
@@ -252,7 +272,7 @@ def run(
         str, typer.Option(help="Model dtype: float32, bfloat16, float16, float64.")
     ] = "float32",
     device: Annotated[
-        str | None, typer.Option(help="Torch device [default: cuda when available, else cpu].")
+        str | None, typer.Option(help="Torch device \\[default: cuda when available, else cpu].")
     ] = None,
     output_dir: Annotated[
         Path, typer.Option(help="Folder that holds run folders.", rich_help_panel=OUTPUT_PANEL)
@@ -260,13 +280,13 @@ def run(
     name: Annotated[
         str | None,
         typer.Option(
-            help="Run name [default: model name and time].", rich_help_panel=OUTPUT_PANEL
+            help="Run name \\[default: model name and time].", rich_help_panel=OUTPUT_PANEL
         ),
     ] = None,
     storage: Annotated[
         str | None,
         typer.Option(
-            help="Optuna storage URL [default: SQLite file in the run folder].",
+            help="Optuna storage URL \\[default: SQLite file in the run folder].",
             rich_help_panel=OUTPUT_PANEL,
         ),
     ] = None,
@@ -294,6 +314,13 @@ def run(
             )
     if budget is not None and not 0 < budget <= 1:
         raise ConfigError(f"invalid --budget {budget}: use a value in (0, 1], e.g. 0.5")
+    if max_windows_per_layer is not None and strategy is not StrategyName.profile:
+        raise ConfigError(
+            "--max-windows-per-layer needs --strategy profile; the direct strategy samples every "
+            "head group freely"
+        )
+    if name is not None and (Path(name).name != name or name in {".", ".."}):
+        raise ConfigError(f"invalid --name {name!r}: use a plain folder name without '/'")
     folder = RunFolder(output_dir / (name or default_run_name(model)))
     if resume and not folder.exists():
         raise RunFolderError(
@@ -303,7 +330,7 @@ def run(
         raise RunFolderError(
             f"run folder {str(folder.path)!r} already exists; pass --resume to continue it or another --name"
         )
-    device = device or default_device()
+    device = check_device(device or default_device())
     stderr.print(f"loading {model} …", highlight=False)
     loaded, tokenizer = load_model(model, dtype=dtype, device=device)
     values = dict(
@@ -382,7 +409,9 @@ def run(
         outcome = run_search(
             settings, folder, resume=resume, model=loaded, tokenizer=tokenizer, hooks=hooks
         )
-    if outcome.interrupted:
-        stderr.print("[yellow]interrupted:[/] finished trials are kept; continue with --resume")
     print_front(outcome.results, output_format, None)
     stderr.print(f"run folder: {folder.path}", highlight=False)
+    if outcome.interrupted:
+        stderr.print("[yellow]interrupted:[/] finished trials are kept; continue with --resume")
+        # 130 = 128 + SIGINT, as shells report an interrupted command.
+        raise typer.Exit(code=130)

@@ -33,23 +33,35 @@ def open_study(
 ) -> optuna.Study:
     """Create a new two-objective study, or load an existing one when ``resume`` is set.
 
+    Resuming a run that stopped before its study existed creates the study.
+
     Raises:
-        ConfigError: when resuming a study that does not exist, or creating one that already
-        exists.
+        ConfigError: when the storage URL is invalid, or when creating a study that already exists.
     """
     optuna_sampler = make_sampler(sampler, seed=seed)
+    try:
+        storage_backend = optuna.storages.get_storage(storage)
+    except (
+        Exception
+    ) as error:  # SQLAlchemy raises many types for a bad URL or an unreachable server.
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(
+            f"invalid Optuna storage {storage!r}: {reason}; pass a URL such as sqlite:///study.db"
+        ) from error
     if resume:
         try:
             return optuna.load_study(
-                study_name=study_name, storage=storage, sampler=optuna_sampler
+                study_name=study_name, storage=storage_backend, sampler=optuna_sampler
             )
         except KeyError:
-            raise ConfigError(
-                f"no study named {study_name!r} in {storage}; start it without --resume"
-            ) from None
+            # The run stopped before its study was created (e.g. Ctrl-C while profiling).
+            logger.info("no study %r in %s yet; creating it", study_name, storage)
     try:
         return optuna.create_study(
-            study_name=study_name, storage=storage, sampler=optuna_sampler, directions=DIRECTIONS
+            study_name=study_name,
+            storage=storage_backend,
+            sampler=optuna_sampler,
+            directions=DIRECTIONS,
         )
     except optuna.exceptions.DuplicatedStudyError:
         raise ConfigError(
