@@ -244,7 +244,12 @@ def _run_search(
         interrupted = run()
     if holdout.shape[0] > 0:
         hooks.stage("validating the front on held-out sequences")
-        validate_front(study, settings, groups, evaluator, holdout, folder, hooks)
+        try:
+            validate_front(study, settings, groups, evaluator, holdout, folder, hooks)
+        except KeyboardInterrupt:
+            # Members measured so far are stored; --resume measures the rest.
+            logger.warning("held-out validation interrupted")
+            interrupted = True
     return RunOutcome(load_run(folder), interrupted)
 
 
