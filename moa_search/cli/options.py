@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
+from typing import Annotated
 
 import torch
+import typer
 
 from moa_search.errors import ConfigError
 from moa_search.search.samplers import SAMPLERS
@@ -39,6 +41,25 @@ DEFAULT_SEQ_LEN = 1024
 DATA_PANEL = "Calibration data"
 SEARCH_PANEL = "Search"
 OUTPUT_PANEL = "Output"
+
+
+# Options that select and cut the calibration text, shared by run and profile.
+DatasetConfigOption = Annotated[
+    str | None, typer.Option(help="Config name of a hub dataset.", rich_help_panel=DATA_PANEL)
+]
+SplitOption = Annotated[str, typer.Option(help="Dataset split.", rich_help_panel=DATA_PANEL)]
+TextColumnOption = Annotated[
+    str,
+    typer.Option(help="Column holding the text in tabular data.", rich_help_panel=DATA_PANEL),
+]
+SeqLenOption = Annotated[
+    int | None,
+    typer.Option(
+        min=2,
+        help=f"Tokens per sequence \\[default: {DEFAULT_SEQ_LEN} or the model's positions].",
+        rich_help_panel=DATA_PANEL,
+    ),
+]
 
 
 def default_device() -> str:

@@ -13,7 +13,11 @@ from moa_search.cli.app import app, handle_errors, stderr, stdout
 from moa_search.cli.options import (
     DATA_PANEL,
     DEFAULT_SEQ_LEN,
+    DatasetConfigOption,
     EstimatorName,
+    SeqLenOption,
+    SplitOption,
+    TextColumnOption,
     check_device,
     check_output_file,
     default_device,
@@ -42,24 +46,10 @@ def profile(
         ),
     ],
     output: Annotated[Path, typer.Option("--output", "-o", help="Profile file to write (.npz).")],
-    dataset_config: Annotated[
-        str | None, typer.Option(help="Config name of a hub dataset.", rich_help_panel=DATA_PANEL)
-    ] = None,
-    split: Annotated[
-        str, typer.Option(help="Dataset split.", rich_help_panel=DATA_PANEL)
-    ] = "train",
-    text_column: Annotated[
-        str,
-        typer.Option(help="Column holding the text in tabular data.", rich_help_panel=DATA_PANEL),
-    ] = "text",
-    seq_len: Annotated[
-        int | None,
-        typer.Option(
-            min=2,
-            help=f"Tokens per sequence \\[default: {DEFAULT_SEQ_LEN} or the model's positions].",
-            rich_help_panel=DATA_PANEL,
-        ),
-    ] = None,
+    dataset_config: DatasetConfigOption = None,
+    split: SplitOption = "train",
+    text_column: TextColumnOption = "text",
+    seq_len: SeqLenOption = None,
     num_samples: Annotated[
         int, typer.Option(min=1, help="Sequences to profile.", rich_help_panel=DATA_PANEL)
     ] = 16,

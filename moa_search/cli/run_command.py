@@ -16,10 +16,14 @@ from moa_search.cli.options import (
     DEFAULT_SEQ_LEN,
     OUTPUT_PANEL,
     SEARCH_PANEL,
+    DatasetConfigOption,
     EstimatorName,
     FrontFormat,
     SamplerName,
+    SeqLenOption,
+    SplitOption,
     StrategyName,
+    TextColumnOption,
     check_device,
     default_device,
 )
@@ -172,24 +176,10 @@ def run(
             rich_help_panel=SEARCH_PANEL,
         ),
     ] = None,
-    dataset_config: Annotated[
-        str | None, typer.Option(help="Config name of a hub dataset.", rich_help_panel=DATA_PANEL)
-    ] = None,
-    split: Annotated[
-        str, typer.Option(help="Dataset split.", rich_help_panel=DATA_PANEL)
-    ] = "train",
-    text_column: Annotated[
-        str,
-        typer.Option(help="Column holding the text in tabular data.", rich_help_panel=DATA_PANEL),
-    ] = "text",
-    seq_len: Annotated[
-        int | None,
-        typer.Option(
-            min=2,
-            help=f"Tokens per calibration sequence \\[default: {DEFAULT_SEQ_LEN} or the model's positions].",
-            rich_help_panel=DATA_PANEL,
-        ),
-    ] = None,
+    dataset_config: DatasetConfigOption = None,
+    split: SplitOption = "train",
+    text_column: TextColumnOption = "text",
+    seq_len: SeqLenOption = None,
     num_samples: Annotated[
         int, typer.Option(min=1, help="Calibration sequences.", rich_help_panel=DATA_PANEL)
     ] = 16,
