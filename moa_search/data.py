@@ -237,9 +237,9 @@ def load_calibration_data(
     )
     if packed.documents == 0:
         raise CalibrationDataError(
-            f"no usable documents in {dataset!r}: all {packed.skipped_documents} documents in "
-            f"split {split!r}, column {column!r} are empty or tokenise to fewer than 2 tokens; "
-            "check --text-column and --split"
+            f"no usable documents in {dataset!r}: every document ({packed.skipped_documents} read "
+            f"from split {split!r}, column {column!r}) is empty or tokenises to fewer than 2 "
+            "tokens; check the file's content, --text-column and --split"
         )
     if not packed.sequences:
         raise CalibrationDataError(

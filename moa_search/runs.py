@@ -155,7 +155,8 @@ def open_run(run: str | Path, output_dir: str | Path = "results") -> RunFolder:
     named = RunFolder(Path(output_dir) / str(run))
     if named.exists():
         return named
+    places = {str(direct.path), str(named.path)}
     raise RunFolderError(
-        f"run {str(run)!r} not found: neither {str(direct.path)!r} nor {str(named.path)!r} holds a "
-        f"{SETTINGS_FILE}; list runs with 'ls {output_dir}'"
+        f"run {str(run)!r} not found: no {SETTINGS_FILE} in {' or '.join(sorted(places))}; pass a run "
+        f"folder, or a run name with the --output-dir it was written to (now {str(output_dir)!r})"
     )

@@ -332,7 +332,7 @@ def make_dir(path: Path) -> Path:
         pytest.param(
             lambda tmp: str(write_jsonl(tmp / "docs.jsonl", ["", None])),
             {},
-            r"no usable documents in .*: all 2 documents",
+            r"no usable documents in .*: every document \(2 read from split",
             id="no-usable-documents",
         ),
         pytest.param(

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
+import datasets
 import optuna
 import typer
 from typer.exceptions import TyperException
@@ -27,7 +28,7 @@ app = typer.Typer(
 # Results go to stdout; progress, logs and errors go to stderr. A piped table keeps 160 columns
 # instead of Rich's default 80, so window summaries stay readable in files.
 stdout = Console(width=None if sys.stdout.isatty() else 160)
-stderr = Console(stderr=True)
+stderr = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 _state = {"debug": False}
 
@@ -79,6 +80,8 @@ def configure(
     optuna.logging.disable_default_handler()
     optuna.logging.enable_propagation()
     optuna.logging.set_verbosity(logging.DEBUG if debug else logging.ERROR)
+    # The datasets library draws a bar per split it generates; our own stages already say so.
+    datasets.disable_progress_bars()
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -66,7 +67,8 @@ def front_text(table: pd.DataFrame, output_format: str) -> str:
     """Serialise the front table as CSV or JSON (records)."""
     if output_format == "csv":
         return table.to_csv(index=False)
-    return table.to_json(orient="records", indent=2, double_precision=15) + "\n"
+    records = json.loads(table.to_json(orient="records", double_precision=15))
+    return json.dumps(records, indent=2) + "\n"
 
 
 def span_map_table(
