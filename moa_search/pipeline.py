@@ -23,7 +23,10 @@ from moa_search.runs import PROFILE_FILE
 from moa_search.search.profile_strategy import ProfileStrategy, group_cost, group_loss
 from moa_search.search.strategies import DirectStrategy, Strategy
 from moa_search.search.study import (
+    completed_trials,
     enqueue_missing_seeds,
+    enqueue_seeds,
+    evaluated_configs,
     uniform_nll_increase,
     make_objective,
     open_study,
@@ -240,6 +243,12 @@ def _run_search(
         if increase is not None:
             strategy.set_uniform_increase(increase)
             enqueue_missing_seeds(study, strategy, strategy.surrogate_seeds())
+            if not interrupted:
+                interrupted = run(queued_only=True)
+            if not interrupted:
+                interrupted = _run_fitted_rounds(
+                    study, strategy, metrics["dense_perplexity"], settings.trials, run
+                )
     if not interrupted:
         interrupted = run()
     if holdout.shape[0] > 0:
@@ -251,6 +260,37 @@ def _run_search(
             logger.warning("held-out validation interrupted")
             interrupted = True
     return RunOutcome(load_run(folder), interrupted)
+
+
+def _run_fitted_rounds(
+    study: optuna.Study,
+    strategy: ProfileStrategy,
+    dense_perplexity: float,
+    total_trials: int,
+    run: Callable[..., bool],
+) -> bool:
+    """Refit the profile strategy to all exact evaluations and evaluate its new optima, round by round.
+
+    Stops when a round proposes no config that was not evaluated yet, when the study has
+    ``total_trials`` finished trials, or on Ctrl-C; the sampler takes the trials left after that.
+
+    Returns:
+        True when interrupted by Ctrl-C.
+    """
+    while len(completed_trials(study)) < total_trials:
+        configs, increases = evaluated_configs(study, dense_perplexity)
+        evaluated = {tuple(config) for config in configs}
+        proposals = [
+            (label, windows)
+            for label, windows in strategy.fitted_configs(configs, increases)
+            if tuple(windows) not in evaluated
+        ]
+        if not proposals:
+            return False
+        enqueue_seeds(study, strategy, proposals)
+        if run(queued_only=True):
+            return True
+    return False
 
 
 def validate_front(

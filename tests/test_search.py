@@ -323,3 +323,42 @@ def test_profile_command_writes_file(tmp_path: Path, stories_path: Path, tinysto
     assert profile.loss_increase.shape == (5, 8, 10)
     assert profile.num_sequences == 2
     assert "Smallest window" in result.stdout
+
+
+def test_fitted_configs_learn_layer_weights(kv_groups: HeadGroups) -> None:
+    """When only layer 2's windows raise the loss, the fitted optimum gives layer 2 full attention."""
+    strategy = make_profile_strategy(kv_groups, budget=0.6)
+    strategy.set_uniform_increase([0.5, 0.2, 0.05, 0.0])
+    rng = np.random.default_rng(0)
+    configs = [list(rng.choice(np.array(CANDIDATES, dtype=object), size=6)) for _ in range(40)]
+    # Measured increase: layer 2's uniform term, tenfold; the other layers are harmless.
+    increases = [10 * strategy.layer_features(config)[3 + 2] for config in configs]
+
+    proposals = strategy.fitted_configs(configs, increases)
+
+    assert proposals
+    assert all(label.startswith("fitted @ ") for label, _ in proposals)
+    richest = proposals[-1][1]
+    assert richest[4:] == [None, None]
+    for _, windows in proposals:
+        cost = mean_area_density(kv_groups.expand(windows), [SEQ_LEN], SINK_TOKENS)
+        assert cost <= 0.6 + 1e-12
+
+
+def test_layer_features_sum_per_layer(kv_groups: HeadGroups) -> None:
+    strategy = make_profile_strategy(kv_groups)
+    strategy.set_uniform_increase([0.4, 0.2, 0.1, 0.0])
+    config: list[int | None] = [8, 32, 128, None, 8, 8]
+
+    features = strategy.layer_features(config)
+
+    loss = group_loss(synthetic_profile(), kv_groups)
+    assert features.shape == (6,)
+    assert features[0] == pytest.approx(loss[0, 0] + loss[1, 1])
+    assert features[3 + 2] == pytest.approx(2 * 0.4 / 6)
+
+
+def test_profile_run_has_fitted_round(profile_run: Path) -> None:
+    labels = [trial.user_attrs.get("seed") for trial in load_study(profile_run).get_trials()]
+
+    assert any(label and label.startswith("fitted @ ") for label in labels)

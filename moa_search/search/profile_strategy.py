@@ -15,6 +15,10 @@ number of groups. The multiple-choice knapsack gives the config with the least d
 cost target. Optuna searches what neither term can know: a log2 correction per layer, the log2
 mixing weight, and the cost target between the cheapest config and the budget. Every decoded config
 is evaluated exactly, like in the direct strategy.
+
+Before the sampler's trials, :meth:`ProfileStrategy.fitted_configs` fits per-layer weights of both
+terms to all exact evaluations so far and proposes the knapsack optima of the fitted loss across
+the budget; the pipeline repeats this until a round proposes no new config.
 """
 
 from __future__ import annotations
@@ -42,6 +46,11 @@ SEED_BUDGETS = (0.1, 0.25, 0.5)
 SEED_BUDGET_SHARES = (0.25, 0.5, 0.75, 1.0)
 # Mixing weights (log2) of the seeded surrogate configs.
 SEED_MIXES = (0.0, 2.0)
+# Cost targets of each fitted round, evenly spaced from the cheapest config to the budget.
+FIT_BUDGETS = 14
+# Ridge weight that pulls the fitted layer weights towards the prior (estimates 0, uniform term 1) while
+# there are few exact evaluations; in units of squared NLL increase.
+FIT_RIDGE = 1e-3
 
 
 def group_loss(profile: HeadProfile, groups: HeadGroups) -> np.ndarray:
@@ -151,6 +160,63 @@ class ProfileStrategy:
         share = trial.suggest_float("budget_share", 0.0, 1.0)
         target = self.min_cost + share * (self.budget - self.min_cost)
         return self.decode(scales, mix, target)
+
+    def layer_features(self, group_windows: Sequence[int | None]) -> np.ndarray:
+        """Sum the estimates and the uniform term of a config per layer.
+
+        Returns:
+            float64 ``[2 * layers]``: per-layer estimate sums, then per-layer uniform-term sums.
+        """
+        column = {window: index for index, window in enumerate(self.candidates)}
+        chosen = np.array([column[window] for window in group_windows])
+        groups = np.arange(self.groups.num_groups)
+        layers = self.groups.shape.num_layers
+        estimates = np.bincount(self.layer_of_group, self.loss[groups, chosen], minlength=layers)
+        uniform = np.bincount(self.layer_of_group, self.uniform[chosen], minlength=layers)
+        return np.concatenate([estimates, uniform])
+
+    def fitted_configs(
+        self, configs: Sequence[Sequence[int | None]], nll_increase: Sequence[float]
+    ) -> list[tuple[str, list[int | None]]]:
+        """Fit per-layer weights of both terms to exact evaluations and decode across the budget.
+
+        The measured NLL increase of a config is modelled as
+        ``sum over layers of a[l] * estimates[l] + b[l] * uniform[l]`` (see :meth:`layer_features`),
+        fitted by ridge regression towards ``a = 0, b = 1``. Unlike the sampled trials, this learns
+        from every exact evaluation how much each layer's windows compound.
+
+        Args:
+            configs: Evaluated configs, one window per group each.
+            nll_increase: Their measured ``log(ppl / dense ppl)``.
+
+        Returns:
+            ``(label, group windows)`` of the knapsack optimum under the fitted loss at
+            :data:`FIT_BUDGETS` cost targets, cheapest first, without repeats.
+        """
+        layers = self.groups.shape.num_layers
+        features = np.array([self.layer_features(config) for config in configs])
+        target = np.asarray(nll_increase, dtype=np.float64)
+        prior = np.concatenate([np.zeros(layers), np.ones(layers)])
+        gram = features.T @ features + FIT_RIDGE * np.eye(2 * layers)
+        weights = np.linalg.solve(gram, features.T @ target + FIT_RIDGE * prior)
+        estimate_weight = weights[:layers][self.layer_of_group]
+        uniform_weight = np.maximum(weights[layers:], 0.0)[self.layer_of_group]
+        fitted = estimate_weight[:, None] * self.loss + uniform_weight[:, None] * self.uniform[None, :]
+        seeds: list[tuple[str, list[int | None]]] = []
+        seen: set[tuple[int | None, ...]] = set()
+        for target_cost in np.linspace(self.min_cost, self.budget, FIT_BUDGETS):
+            solution = solve_knapsack(
+                fitted,
+                self.cost,
+                max(float(target_cost), self.min_cost),
+                layer_of_group=self.layer_of_group if self.max_windows_per_layer else None,
+                max_distinct_per_layer=self.max_windows_per_layer,
+            )
+            windows = [self.candidates[index] for index in solution.choice]
+            if tuple(windows) not in seen:
+                seen.add(tuple(windows))
+                seeds.append((f"fitted @ {target_cost:.3g}", windows))
+        return seeds
 
     def seed_params(self, group_windows: list[int | None]) -> dict[str, Any]:
         """Seeds are fixed windows; this strategy's parameters cannot express them."""

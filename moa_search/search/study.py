@@ -145,17 +145,35 @@ def enqueue_missing_seeds(
             deepcopy=False, states=(TrialState.COMPLETE, TrialState.WAITING)
         )
     }
-    queued = 0
+    missing = [(label, windows) for label, windows in seeds if label not in present]
+    enqueue_seeds(study, strategy, missing)
+    return len(missing)
+
+
+def enqueue_seeds(
+    study: optuna.Study, strategy: Strategy, seeds: Sequence[tuple[str, list[int | None]]]
+) -> None:
+    """Queue ``(label, group windows)`` configs to be evaluated before the sampler's own trials."""
     for label, group_windows in seeds:
-        if label in present:
-            continue
         study.enqueue_trial(
             strategy.seed_params(group_windows),
             user_attrs={SEED_LABEL_ATTR: label, SEED_WINDOWS_ATTR: group_windows},
             skip_if_exists=False,
         )
-        queued += 1
-    return queued
+
+
+def evaluated_configs(
+    study: optuna.Study, dense_perplexity: float
+) -> tuple[list[list[int | None]], list[float]]:
+    """Return every config the study evaluated and its measured ``log(ppl / dense ppl)``."""
+    configs: list[list[int | None]] = []
+    increases: list[float] = []
+    for trial in completed_trials(study):
+        if "reused_trial" in trial.user_attrs:
+            continue
+        configs.append(list(trial.user_attrs["group_windows"]))
+        increases.append(math.log(trial.values[0] / dense_perplexity))
+    return configs, increases
 
 
 def uniform_nll_increase(
