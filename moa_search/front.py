@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import optuna
@@ -63,7 +64,7 @@ def pareto_front(study: optuna.Study, budget: float) -> list[FrontMember]:
 def with_holdout(members: list[FrontMember], holdout: dict[str, float]) -> list[FrontMember]:
     """Attach held-out perplexities (keyed by trial number as a string) to front members."""
     return [
-        FrontMember(**{**member.__dict__, "holdout_perplexity": holdout.get(str(member.trial))})
+        dataclasses.replace(member, holdout_perplexity=holdout.get(str(member.trial)))
         for member in members
     ]
 

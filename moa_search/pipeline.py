@@ -155,8 +155,8 @@ def run_search(
     try:
         return _run_search(settings, folder, resume, model, tokenizer, hooks)
     except BaseException:
-        # A new run that failed or was interrupted before its study held a trial leaves nothing
-        # worth resuming, so its folder goes; a run with finished trials keeps its folder.
+        # A new run that stopped before its study had a trial leaves nothing worth resuming, so
+        # its folder is removed. A run with finished trials keeps its folder.
         if created_folder and not _has_trials(settings):
             shutil.rmtree(folder.path, ignore_errors=True)
         raise

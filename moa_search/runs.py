@@ -97,7 +97,7 @@ class RunFolder:
         """Read ``settings.json``.
 
         Raises:
-            RunFolderError: when the folder holds no run or its settings are unreadable.
+            RunFolderError: when the folder contains no run or its settings are unreadable.
         """
         path = self.file(SETTINGS_FILE)
         if not path.is_file():

@@ -80,7 +80,7 @@ def configure(
     optuna.logging.disable_default_handler()
     optuna.logging.enable_propagation()
     optuna.logging.set_verbosity(logging.DEBUG if debug else logging.ERROR)
-    # The datasets library draws a bar per split it generates; our own stages already say so.
+    # The datasets library draws a bar per split it generates; our own stages already report them.
     datasets.disable_progress_bars()
 
 

@@ -56,7 +56,7 @@ def front(
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Write to this file instead of stdout.")
     ] = None,
-    output_dir: Annotated[Path, typer.Option(help="Folder that holds run folders.")] = Path(
+    output_dir: Annotated[Path, typer.Option(help="Folder containing the run folders.")] = Path(
         "results"
     ),
 ) -> None:
@@ -85,7 +85,7 @@ def export(
         bool,
         typer.Option("--pareto", help="Write every front member as trial-<N>.json into --output."),
     ] = False,
-    output_dir: Annotated[Path, typer.Option(help="Folder that holds run folders.")] = Path(
+    output_dir: Annotated[Path, typer.Option(help="Folder containing the run folders.")] = Path(
         "results"
     ),
 ) -> None:

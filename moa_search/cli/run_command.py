@@ -265,7 +265,7 @@ def run(
         str | None, typer.Option(help="Torch device \\[default: cuda when available, else cpu].")
     ] = None,
     output_dir: Annotated[
-        Path, typer.Option(help="Folder that holds run folders.", rich_help_panel=OUTPUT_PANEL)
+        Path, typer.Option(help="Folder containing the run folders.", rich_help_panel=OUTPUT_PANEL)
     ] = Path("results"),
     name: Annotated[
         str | None,

@@ -80,10 +80,9 @@ def make_objective(
     """Build the objective ``trial -> (calibration perplexity, cost)``.
 
     Every trial is evaluated exactly, feasible or not, and records its windows, cost and KV
-    fraction as user attributes; the budget enters as the constraint ``cost - budget <= 0``. A
-    config that an earlier trial of the study already evaluated reuses that perplexity (the forward
-    passes are deterministic) and records the earlier trial's number in the ``reused_trial``
-    attribute.
+    fraction as user attributes. The budget enters as the constraint ``cost - budget <= 0``.
+    A config that an earlier trial already evaluated reuses that perplexity, because the forward
+    passes are deterministic, and records the earlier trial's number as ``reused_trial``.
     """
     evaluated: dict[tuple[int | None, ...], tuple[int, float]] = {}
     for trial in completed_trials(study):
@@ -94,7 +93,7 @@ def make_objective(
     def objective(trial: optuna.Trial) -> tuple[float, float]:
         group_windows = seeded_windows(trial)
         if group_windows is None or strategy.seed_params(group_windows):
-            # Seeds the strategy can express also go through suggest, so the sampler sees their
+            # Seeds the strategy can express also go through suggest, so the sampler records their
             # params.
             group_windows = strategy.suggest(trial)
         windows = groups.expand(group_windows)
@@ -210,7 +209,7 @@ def run_trials(
     callbacks: Sequence[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] = (),
     queued_only: bool = False,
 ) -> bool:
-    """Run trials until the study holds ``total_trials`` finished ones, the timeout passes, or Ctrl-C.
+    """Run trials until the study contains ``total_trials`` finished ones, the timeout passes, or Ctrl-C.
 
     Args:
         queued_only: Stop once the queued (seed) trials are done, before the sampler proposes any.
