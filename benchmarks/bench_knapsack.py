@@ -1,5 +1,7 @@
 """Time the exact knapsack solver on a random instance shaped like a 32-layer, 32-head model.
 
+Also times one fitted round of the profile strategy on that instance: fitting the additive
+surrogate to ``--fit-evaluations`` random configs, solving its front and picking the proposals.
 Prints a markdown table of median wall times to stdout. Run from the repository root, with the
 package installed (``pip install -e .``) or on the path:
 
@@ -21,6 +23,10 @@ import numpy as np
 import scipy
 
 from moa_search.knapsack import KnapsackSolution, solve_front, solve_knapsack
+from moa_search.models import ModelShape
+from moa_search.search.groups import HeadGroups
+from moa_search.search.profile_strategy import ProfileStrategy
+from moa_search.space import Granularity
 
 Result = TypeVar("Result")
 
@@ -101,6 +107,13 @@ def main() -> None:
         "--distinct-repeats", type=int, default=1, help="timed calls per distinct row"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random instance")
+    parser.add_argument(
+        "--fit-evaluations",
+        type=int,
+        nargs="*",
+        default=[100, 300],
+        help="numbers of evaluated configs the timed fitted rounds learn from",
+    )
     args = parser.parse_args()
     if args.repeats < 1 or args.distinct_repeats < 1:
         parser.error("--repeats and --distinct-repeats must be >= 1")
@@ -145,6 +158,44 @@ def main() -> None:
     front_call = partial(solve_front, loss, cost, budgets=args.budgets)
     front, seconds = time_calls(front_call, args.repeats)
     print(table_row(f"solve_front, {len(args.budgets)} budgets", "-", "-", None, seconds))
+
+    for evaluations in args.fit_evaluations:
+        strategy, configs, increases = fitted_round_inputs(loss, cost, args, evaluations)
+        call = partial(strategy.fitted_configs, configs, increases)
+        _, seconds = time_calls(call, args.repeats)
+        label = f"fitted round, {evaluations} evaluations"
+        print(table_row(label, str(args.budgets[-1]), "-", None, seconds))
+
+
+def fitted_round_inputs(
+    loss: np.ndarray, cost: np.ndarray, args: argparse.Namespace, evaluations: int
+) -> tuple[ProfileStrategy, list[list[int | None]], list[float]]:
+    """Build a profile strategy over the instance and random evaluated configs to fit it to.
+
+    The measured NLL increase of a config is twice the sum of its losses, with noise: restrictions
+    compound, so the measurements exceed what the estimates add up to.
+    """
+    rng = np.random.default_rng(args.seed + 1)
+    shape = ModelShape(
+        model_id="synthetic",
+        architecture="synthetic",
+        num_layers=args.layers,
+        num_query_heads=args.heads,
+        num_kv_heads=args.heads,
+        max_positions=args.seq_len,
+    )
+    groups = HeadGroups(shape, Granularity.KV_HEAD)
+    windows: list[int | None] = [
+        int(w) for w in np.geomspace(32, args.seq_len, args.candidates)[:-1].round()
+    ]
+    windows.append(None)
+    strategy = ProfileStrategy(groups, windows, loss, cost, budget=args.budgets[-1])
+    strategy.set_uniform_increase(2 * loss.sum(axis=0))
+    choices = rng.integers(0, args.candidates, size=(evaluations, loss.shape[0]))
+    rows = np.arange(loss.shape[0])
+    increases = [2 * loss[rows, choice].sum() + rng.normal(0.0, 0.01) for choice in choices]
+    configs = [[windows[index] for index in choice] for choice in choices]
+    return strategy, configs, increases
 
 
 if __name__ == "__main__":

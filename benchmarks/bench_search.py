@@ -53,6 +53,7 @@ from moa_search.models import load_model
 from moa_search.pipeline import RunHooks, model_info_of, run_search
 from moa_search.runs import RunFolder, RunSettings
 from moa_search.search.evaluator import WindowEvaluator
+from moa_search.search.hypervolume import hypervolume, non_dominated
 from moa_search.search.strategies import SEED_LABEL_ATTR
 from moa_search.search.study import completed_trials
 from moa_search.space import load_space
@@ -83,29 +84,6 @@ class RunRecord:
     uniform: list[dict] = field(default_factory=list)  # uniform baselines: window, cost, NLL increase
     seeded_evaluations: int = 0  # leading evaluations that were seed trials (baselines, surrogate optima)
     hv_trace: list[float] = field(default_factory=list)
-
-
-def hypervolume(points: list[Point], reference: Point) -> float:
-    """Return the area that ``points`` dominate below ``reference``, both coordinates minimised."""
-    inside = sorted(point for point in points if point[0] <= reference[0] and point[1] < reference[1])
-    staircase: list[Point] = []
-    for cost, loss in inside:
-        if not staircase or loss < staircase[-1][1]:
-            staircase.append((cost, loss))
-    area = 0.0
-    for index, (cost, loss) in enumerate(staircase):
-        next_cost = staircase[index + 1][0] if index + 1 < len(staircase) else reference[0]
-        area += (next_cost - cost) * (reference[1] - loss)
-    return area
-
-
-def non_dominated(points: list[Point]) -> list[Point]:
-    """Return the points that no other point dominates, cheapest first."""
-    front: list[Point] = []
-    for cost, loss in sorted(set(points)):
-        if not front or loss < front[-1][1]:
-            front.append((cost, loss))
-    return front
 
 
 def evaluations_to_reach(trace: list[float], target: float) -> int | None:
@@ -410,10 +388,10 @@ def main() -> None:
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="sampler seeds")
     parser.add_argument(
-        "--direct-trials", type=int, default=120, help="finished trials per direct study, baselines included"
+        "--direct-trials", type=int, default=240, help="finished trials per direct study, baselines included"
     )
     parser.add_argument(
-        "--profile-trials", type=int, default=60, help="finished trials per profile study, baselines included"
+        "--profile-trials", type=int, default=120, help="finished trials per profile study, baselines included"
     )
     parser.add_argument(
         "--hv-shares",
@@ -426,7 +404,7 @@ def main() -> None:
         "--checkpoints",
         type=int,
         nargs="+",
-        default=[10, 20, 40, 60, 80, 120],
+        default=[10, 20, 40, 60, 120, 240],
         help="exact evaluation counts at which the HV share table reads each run's trace",
     )
     parser.add_argument(

@@ -17,7 +17,13 @@ from moa_search.cost import mean_area_density
 from moa_search.models import ModelShape
 from moa_search.profile import HeadProfile
 from moa_search.search.groups import HeadGroups
-from moa_search.search.profile_strategy import ProfileStrategy, group_cost, group_loss
+from moa_search.search.profile_strategy import (
+    PROPOSALS_PER_ROUND,
+    ProfileStrategy,
+    group_cost,
+    group_loss,
+    pick_by_hypervolume,
+)
 from moa_search.search.strategies import DirectStrategy
 from moa_search.search.study import (
     DIRECTIONS,
@@ -325,37 +331,46 @@ def test_profile_command_writes_file(tmp_path: Path, stories_path: Path, tinysto
     assert "Smallest window" in result.stdout
 
 
-def test_fitted_configs_learn_layer_weights(kv_groups: HeadGroups) -> None:
-    """When only layer 2's windows raise the loss, the fitted optimum gives layer 2 full attention."""
+def test_fitted_configs_extend_true_front(kv_groups: HeadGroups) -> None:
+    """When only layer 2's windows raise the loss, the first proposal beats every evaluated config at its cost."""
     strategy = make_profile_strategy(kv_groups, budget=0.6)
     strategy.set_uniform_increase([0.5, 0.2, 0.05, 0.0])
+    column = {window: index for index, window in enumerate(CANDIDATES)}
+    uniform_share = strategy.uniform
+
+    def true_increase(config: list[int | None]) -> float:
+        return 10 * sum(uniform_share[column[window]] for window in config[4:])
+
+    def config_cost(config: list[int | None]) -> float:
+        return mean_area_density(kv_groups.expand(config), [SEQ_LEN], SINK_TOKENS)
+
     rng = np.random.default_rng(0)
-    configs = [list(rng.choice(np.array(CANDIDATES, dtype=object), size=6)) for _ in range(40)]
-    # Measured increase: layer 2's uniform term, tenfold; the other layers are harmless.
-    increases = [10 * strategy.layer_features(config)[3 + 2] for config in configs]
+    # The uniform baselines, as every study evaluates them first, then random configs.
+    configs = [[window] * 6 for window in CANDIDATES]
+    configs += [list(rng.choice(np.array(CANDIDATES, dtype=object), size=6)) for _ in range(40)]
 
-    proposals = strategy.fitted_configs(configs, increases)
+    proposals = strategy.fitted_configs(configs, [true_increase(config) for config in configs])
 
-    assert proposals
+    assert 0 < len(proposals) <= PROPOSALS_PER_ROUND
     assert all(label.startswith("fitted @ ") for label, _ in proposals)
-    richest = proposals[-1][1]
-    assert richest[4:] == [None, None]
+    assert not {tuple(windows) for _, windows in proposals} & {tuple(config) for config in configs}
     for _, windows in proposals:
-        cost = mean_area_density(kv_groups.expand(windows), [SEQ_LEN], SINK_TOKENS)
-        assert cost <= 0.6 + 1e-12
+        assert config_cost(windows) <= 0.6 + 1e-12
+    first = proposals[0][1]
+    best_before = min(
+        true_increase(config) for config in configs if config_cost(config) <= config_cost(first)
+    )
+    assert true_increase(first) < best_before
 
 
-def test_layer_features_sum_per_layer(kv_groups: HeadGroups) -> None:
-    strategy = make_profile_strategy(kv_groups)
-    strategy.set_uniform_increase([0.4, 0.2, 0.1, 0.0])
-    config: list[int | None] = [8, 32, 128, None, 8, 8]
+def test_pick_by_hypervolume_skips_dominated() -> None:
+    measured = [(0.2, 0.5)]
+    # Gains over the measured point: 0.1 * 0.1, then 0.5 * 0.3, then none (dominated).
+    candidates = [(0.1, 0.9), (0.5, 0.2), (0.3, 0.6)]
 
-    features = strategy.layer_features(config)
+    picked = pick_by_hypervolume(measured, candidates, (1.0, 1.0), count=3)
 
-    loss = group_loss(synthetic_profile(), kv_groups)
-    assert features.shape == (6,)
-    assert features[0] == pytest.approx(loss[0, 0] + loss[1, 1])
-    assert features[3 + 2] == pytest.approx(2 * 0.4 / 6)
+    assert picked == [1, 0]
 
 
 def test_profile_run_has_fitted_round(profile_run: Path) -> None:
