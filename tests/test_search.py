@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -377,3 +378,18 @@ def test_profile_run_has_fitted_round(profile_run: Path) -> None:
     labels = [trial.user_attrs.get("seed") for trial in load_study(profile_run).get_trials()]
 
     assert any(label and label.startswith("fitted @ ") for label in labels)
+
+
+def test_fitted_configs_skip_infinite_increase(kv_groups: HeadGroups) -> None:
+    """A config whose perplexity overflowed is left out of the fit and never proposed again."""
+    strategy = make_profile_strategy(kv_groups)
+    strategy.set_uniform_increase([0.4, 0.2, 0.05, 0.0])
+    configs = [[window] * 6 for window in CANDIDATES]
+    overflowed: list[int | None] = [8, 8, 8, 8, None, None]
+    configs.append(overflowed)
+    increases = [0.4, 0.2, 0.05, 0.0, math.inf]
+
+    proposals = strategy.fitted_configs(configs, increases)
+
+    assert proposals
+    assert overflowed not in [windows for _, windows in proposals]

@@ -54,6 +54,9 @@ SEED_MIXES = (0.0, 2.0)
 # Cost targets, evenly spaced from the cheapest config to the budget, at which each fitted round
 # takes the knapsack optima of the surrogate as candidates.
 POOL_BUDGETS = 64
+# The same with at most K distinct windows per layer, where every target is a MILP that can take
+# a minute on a 1,024-group model.
+DISTINCT_POOL_BUDGETS = 16
 # Configs each fitted round proposes. Fewer means more refits per evaluation: on stories260K, 4
 # reached 95% of the best known hypervolume sooner than 8 or 14.
 PROPOSALS_PER_ROUND = 4
@@ -212,9 +215,9 @@ class ProfileStrategy:
         """Fit the additive surrogate to exact evaluations and propose configs that should extend the front.
 
         The candidates are the knapsack optima of the surrogate's posterior mean at
-        :data:`POOL_BUDGETS` cost targets from the cheapest config to the budget. Each is scored
-        by its optimistic prediction, the posterior mean minus :data:`OPTIMISM` standard
-        deviations. Up to :data:`PROPOSALS_PER_ROUND` of them are then picked one at a time, each
+        :data:`POOL_BUDGETS` cost targets (:data:`DISTINCT_POOL_BUDGETS` with a distinct-window
+        limit) from the cheapest config to the budget. Each is scored by its optimistic
+        prediction, the posterior mean minus :data:`OPTIMISM` standard deviations. Up to :data:`PROPOSALS_PER_ROUND` of them are then picked one at a time, each
         the one that adds the most hypervolume to the measured front together with the picks
         before it.
 
@@ -228,14 +231,18 @@ class ProfileStrategy:
         """
         column = {window: index for index, window in enumerate(self.candidates)}
         choices = np.array([[column[window] for window in config] for config in configs])
+        increases = np.asarray(nll_increase, dtype=np.float64)
+        # A perplexity that overflowed says nothing the model can fit, but the config stays evaluated.
+        finite = np.isfinite(increases)
         surrogate = AdditiveSurrogate(self.loss, self.uniform, self.layer_of_group)
-        surrogate.fit(choices, np.asarray(nll_increase, dtype=np.float64))
+        surrogate.fit(choices[finite], increases[finite])
 
         upper = max(self.budget, self.min_cost)
+        pool_budgets = DISTINCT_POOL_BUDGETS if self.max_windows_per_layer else POOL_BUDGETS
         front = solve_front(
             surrogate.table(),
             self.cost,
-            budgets=np.linspace(self.min_cost, upper, POOL_BUDGETS),
+            budgets=np.linspace(self.min_cost, upper, pool_budgets),
             layer_of_group=self.layer_of_group if self.max_windows_per_layer else None,
             max_distinct_per_layer=self.max_windows_per_layer,
         )
@@ -253,8 +260,8 @@ class ProfileStrategy:
         measured_cost = self.config_cost(choices)
         measured = [
             (float(cost), float(loss))
-            for cost, loss in zip(measured_cost, nll_increase, strict=True)
-            if cost <= self.budget
+            for cost, loss in zip(measured_cost, increases, strict=True)
+            if cost <= self.budget and np.isfinite(loss)
         ]
         reference = (
             self.budget,
