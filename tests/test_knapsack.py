@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -385,3 +386,25 @@ def test_front_infeasible_budget_raises() -> None:
         ConfigError, match=r"infeasible budget=0\.1: .* is 0\.2, so use a budget >= 0\.2$"
     ):
         solve_front(loss, cost, budgets=[0.3, 0.1])
+
+
+@pytest.mark.parametrize("case", ["error", "infeasible"])
+def test_distinct_one_survives_presolve_failures(case: str) -> None:
+    """Instances on which HiGHS's presolve fails ("error") or wrongly reports infeasibility."""
+    data = np.load(Path(__file__).parent / "data" / "knapsack_presolve.npz")
+    loss, cost = data[f"{case}_loss"], data[f"{case}_cost"]
+    budget = float(data[f"{case}_budget"])
+    layer_of_group = np.arange(20) // 4
+    # With one window per layer, a choice is one candidate per layer: 10**5 choices.
+    per_layer = np.array(list(itertools.product(range(10), repeat=5)))
+    choices = np.repeat(per_layer, 4, axis=1)
+    rows = np.arange(20)
+    feasible = cost[rows, choices].mean(axis=1) <= budget + BUDGET_TOLERANCE
+    expected = float(loss[rows, choices].sum(axis=1)[feasible].min())
+
+    solution = solve_knapsack(
+        loss, cost, budget, layer_of_group=layer_of_group, max_distinct_per_layer=1
+    )
+
+    assert solution.total_loss == pytest.approx(expected, abs=1e-12)
+    assert solution.total_cost <= budget + BUDGET_TOLERANCE

@@ -140,7 +140,9 @@ def _solve_milp(
     if model.b_ub.size:
         constraints.append(optimize.LinearConstraint(model.a_ub, -np.inf, model.b_ub))
     num_x = model.groups.size
-    for _ in range(max_cuts + 1):
+    options = dict(_HIGHS_OPTIONS)
+    cuts = 0
+    while cuts <= max_cuts:
         # HiGHS 1.12.0, as bundled with scipy 1.17.1, writes a stray debug line from C++ to fd 1
         # during some solves, so the solve runs with fd 1 pointing at /dev/null.
         with warnings.catch_warnings(), _stdout_fd_to_devnull():
@@ -152,8 +154,15 @@ def _solve_milp(
                 integrality=np.ones(model.objective.size),
                 bounds=optimize.Bounds(0, 1),
                 constraints=constraints,
-                options=dict(_HIGHS_OPTIONS),
+                options=dict(options),
             )
+        # HiGHS 1.12.0's presolve has reported feasible instances with at most one distinct
+        # window per layer as infeasible (status 2) or failed on them (status 4, "Solve error").
+        # Without presolve the same instances solve, so both statuses are checked again without it.
+        if result.status in (2, 4) and options["presolve"]:
+            logger.debug("knapsack MILP: %s with presolve, solving again without", result.message)
+            options["presolve"] = False
+            continue
         if result.status == 2:
             return None
         if result.status != 0:
@@ -176,6 +185,7 @@ def _solve_milp(
         cut = np.zeros((1, model.objective.size))
         cut[0, :num_x] = selected
         constraints.append(optimize.LinearConstraint(cut, -np.inf, problem.num_groups - 1))
+        cuts += 1
     raise RuntimeError(
         f"knapsack MILP kept returning choices over the budget after {max_cuts} cuts"
     )
