@@ -15,11 +15,10 @@ from moa_search.data import load_calibration_data
 from moa_search.export import RunResults, load_run
 from moa_search.front import pareto_front
 from moa_search.models import load_model, model_shape
-from moa_search.runs import RunFolder, RunSettings
+from moa_search.profile import HeadProfile, profile_heads
+from moa_search.runs import PROFILE_FILE, RunFolder, RunSettings
 from moa_search.search.evaluator import WindowEvaluator
 from moa_search.search.groups import HeadGroups
-from moa_search.profile import HeadProfile, profile_heads
-from moa_search.runs import PROFILE_FILE
 from moa_search.search.profile_strategy import ProfileStrategy, group_cost, group_loss
 from moa_search.search.strategies import DirectStrategy, Strategy
 from moa_search.search.study import (
@@ -27,10 +26,10 @@ from moa_search.search.study import (
     enqueue_missing_seeds,
     enqueue_seeds,
     evaluated_configs,
-    uniform_nll_increase,
     make_objective,
     open_study,
     run_trials,
+    uniform_nll_increase,
     uniform_seeds,
 )
 from moa_search.span_config import ModelInfo
@@ -237,18 +236,16 @@ def _run_search(
     )
     interrupted = False
     if isinstance(strategy, ProfileStrategy):
-        # The surrogate needs the measured uniform baselines, so they run before anything else.
-        interrupted = run(queued_only=True)
-        increase = uniform_nll_increase(study, settings.candidates, groups.num_groups)
-        if increase is not None:
-            strategy.set_uniform_increase(increase)
-            enqueue_missing_seeds(study, strategy, strategy.surrogate_seeds())
-            if not interrupted:
-                interrupted = run(queued_only=True)
+        try:
+            interrupted = _run_profile_seeds(study, strategy, settings, groups, run)
             if not interrupted:
                 interrupted = _run_fitted_rounds(
-                    study, strategy, metrics["dense_perplexity"], settings.trials, run
+                    study, strategy, metrics["dense_perplexity"], settings.trials, run, deadline
                 )
+        except KeyboardInterrupt:
+            # Ctrl-C outside a trial loop, while the knapsack or the surrogate works.
+            logger.warning("interrupted; keeping %d finished trials", len(completed_trials(study)))
+            interrupted = True
     if not interrupted:
         interrupted = run()
     if holdout.shape[0] > 0:
@@ -262,22 +259,51 @@ def _run_search(
     return RunOutcome(load_run(folder), interrupted)
 
 
+def _run_profile_seeds(
+    study: optuna.Study,
+    strategy: ProfileStrategy,
+    settings: RunSettings,
+    groups: HeadGroups,
+    run: Callable[..., bool],
+) -> bool:
+    """Run the uniform baselines, then the knapsack optima seeded from them.
+
+    Returns:
+        True when interrupted by Ctrl-C.
+    """
+    # The surrogate needs the measured uniform baselines, so they run before anything else.
+    if run(queued_only=True):
+        return True
+    increase = uniform_nll_increase(study, settings.candidates, groups.num_groups)
+    if increase is None:
+        return False
+    strategy.set_uniform_increase(increase)
+    enqueue_missing_seeds(study, strategy, strategy.surrogate_seeds())
+    return run(queued_only=True)
+
+
 def _run_fitted_rounds(
     study: optuna.Study,
     strategy: ProfileStrategy,
     dense_perplexity: float,
     total_trials: int,
     run: Callable[..., bool],
+    deadline: float | None,
 ) -> bool:
     """Refit the profile strategy to all exact evaluations and evaluate its new optima, round by round.
 
     Stops when a round proposes no config that was not evaluated yet, when the study has
-    ``total_trials`` finished trials, or on Ctrl-C; the sampler takes the trials left after that.
+    ``total_trials`` finished trials, when ``deadline`` (``time.monotonic()`` seconds) has passed,
+    when a round finishes no trial, or on Ctrl-C. The sampler takes the trials left after that.
 
     Returns:
         True when interrupted by Ctrl-C.
     """
+    if not strategy.uniform_measured:
+        return False  # a baseline has not finished, so the surrogate has nothing to start from
     while len(completed_trials(study)) < total_trials:
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
         configs, increases = evaluated_configs(study, dense_perplexity)
         evaluated = {tuple(config) for config in configs}
         proposals = [
@@ -287,9 +313,12 @@ def _run_fitted_rounds(
         ]
         if not proposals:
             return False
+        finished = len(completed_trials(study))
         enqueue_seeds(study, strategy, proposals)
         if run(queued_only=True):
             return True
+        if len(completed_trials(study)) == finished:
+            return False  # the timeout passed before any proposal ran
     return False
 
 

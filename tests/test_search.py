@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from typer.testing import CliRunner
 from moa_search.cli import app
 from moa_search.cost import mean_area_density
 from moa_search.models import ModelShape
+from moa_search.pipeline import _run_fitted_rounds
 from moa_search.profile import HeadProfile
 from moa_search.search.groups import HeadGroups
 from moa_search.search.profile_strategy import (
@@ -393,3 +395,50 @@ def test_fitted_configs_skip_infinite_increase(kv_groups: HeadGroups) -> None:
 
     assert proposals
     assert overflowed not in [windows for _, windows in proposals]
+
+
+def profile_study_with_baselines(kv_groups: HeadGroups) -> tuple[optuna.Study, ProfileStrategy]:
+    """Return a study whose uniform baselines finished, and a profile strategy that knows them."""
+    study = optuna.create_study(directions=DIRECTIONS)
+    strategy = make_profile_strategy(kv_groups)
+    evaluator = CountingEvaluator()
+    enqueue_missing_seeds(study, strategy, uniform_seeds(CANDIDATES, kv_groups, SEQ_LEN, SINK_TOKENS))
+    objective = make_objective(strategy, kv_groups, evaluator, 0.5, study)
+    run_trials(study, objective, total_trials=4, timeout=None)
+    increase = uniform_nll_increase(study, CANDIDATES, kv_groups.num_groups)
+    assert increase is not None
+    strategy.set_uniform_increase(increase)
+    return study, strategy
+
+
+def test_fitted_rounds_stop_without_progress(kv_groups: HeadGroups) -> None:
+    """When the timeout keeps the queued proposals from running, one round is queued, not endless ones."""
+    study, strategy = profile_study_with_baselines(kv_groups)
+    calls = []
+
+    def run_nothing(queued_only: bool = False) -> bool:
+        calls.append(queued_only)
+        if len(calls) > 3:
+            raise AssertionError("the fitted rounds kept going without finishing a trial")
+        return False
+
+    interrupted = _run_fitted_rounds(study, strategy, 1.0, 40, run_nothing, deadline=None)
+
+    waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert interrupted is False
+    assert calls == [True]
+    assert 0 < len(waiting) <= PROPOSALS_PER_ROUND
+
+
+def test_fitted_rounds_stop_at_deadline(kv_groups: HeadGroups) -> None:
+    study, strategy = profile_study_with_baselines(kv_groups)
+
+    def run_unexpectedly(queued_only: bool = False) -> bool:
+        raise AssertionError("a round ran after the deadline")
+
+    interrupted = _run_fitted_rounds(
+        study, strategy, 1.0, 40, run_unexpectedly, deadline=time.monotonic() - 1.0
+    )
+
+    assert interrupted is False
+    assert not study.get_trials(states=(optuna.trial.TrialState.WAITING,))

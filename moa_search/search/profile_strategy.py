@@ -166,11 +166,13 @@ class ProfileStrategy:
         self.layer_of_group = np.arange(groups.num_groups) // groups.groups_per_layer
         self.min_cost = float(cost.min(axis=1).mean())
         self.uniform = np.zeros(len(self.candidates))
+        self.uniform_measured = False  # whether set_uniform_increase has been called
         self._decode = lru_cache(maxsize=4096)(self._decode_uncached)
 
     def set_uniform_increase(self, nll_increase: Sequence[float]) -> None:
         """Set the measured NLL increase of each candidate's uniform config ``[candidates]``."""
         self.uniform = np.asarray(nll_increase, dtype=np.float64) / self.groups.num_groups
+        self.uniform_measured = True
         self._decode.cache_clear()
 
     def decode(
