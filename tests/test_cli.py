@@ -476,7 +476,10 @@ def test_resume_adds_trials_without_baselines(
     ]
     first = invoke(*common, *SMALL_RUN_OPTIONS, "--trials", 10)
     assert_success(first)
-    second = invoke(*common, "--resume", "--trials", 14)
+    # The model, the data and the budget come from the run's settings.
+    second = invoke(
+        "run", "--output-dir", tmp_path, "--name", "resumed", "--resume", "--trials", 14
+    )
     assert_success(second)
 
     study = load_study_of(tmp_path / "resumed")
@@ -486,6 +489,16 @@ def test_resume_adds_trials_without_baselines(
     assert len(set(labels)) == len(labels)
     settings = json.loads((tmp_path / "resumed" / "settings.json").read_text())
     assert settings["trials"] == 14
+
+
+def test_run_without_model_fails(tmp_path: Path, tinystories_path: Path) -> None:
+    result = invoke(
+        "run", "--dataset", tinystories_path, "--budget", "0.5", "--output-dir", tmp_path
+    )
+
+    line = assert_one_error_line(result)
+    assert "missing --model" in line
+    assert not any(tmp_path.iterdir())
 
 
 def test_resume_unknown_name_fails(

@@ -158,8 +158,13 @@ def _check_resume_options(ctx: typer.Context, settings: RunSettings, values: dic
 def run(
     ctx: typer.Context,
     model: Annotated[
-        str, typer.Option("--model", "-m", help="Hugging Face hub id or local model folder.")
-    ],
+        str | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Hugging Face hub id or local model folder \\[default with --resume: the run's model].",
+        ),
+    ] = None,
     dataset: Annotated[
         str | None,
         typer.Option(
@@ -296,6 +301,8 @@ def run(
     if resume and name is None:
         raise ConfigError("--resume needs --name of the run to continue")
     if not resume:
+        if model is None:
+            raise ConfigError("missing --model: pass a Hugging Face hub id or a local model folder")
         if dataset is None:
             raise ConfigError("missing --dataset: pass a text file, a folder or a datasets hub id")
         if budget is None:
@@ -320,6 +327,8 @@ def run(
         raise RunFolderError(
             f"run folder {str(folder.path)!r} already exists; pass --resume to continue it or another --name"
         )
+    if model is None:
+        model = folder.read_settings().model
     device = check_device(device or default_device())
     stderr.print(f"loading {model} …", highlight=False)
     loaded, tokenizer = load_model(model, dtype=dtype, device=device)
