@@ -398,7 +398,7 @@ def test_fitted_configs_skip_infinite_increase(kv_groups: HeadGroups) -> None:
 
 
 def profile_study_with_baselines(kv_groups: HeadGroups) -> tuple[optuna.Study, ProfileStrategy]:
-    """Return a study whose uniform baselines finished, and a profile strategy that knows them."""
+    """Return a study whose uniform baselines finished, and a profile strategy set up with their increases."""
     study = optuna.create_study(directions=DIRECTIONS)
     strategy = make_profile_strategy(kv_groups)
     evaluator = CountingEvaluator()
