@@ -106,15 +106,21 @@ def _distinct_lp(problem: _Problem, objective: np.ndarray, limit: float) -> _Dis
     """
     assert problem.layer is not None
     model = _build_model(problem, problem.allowed, objective, limit, distinct=True)
-    result = optimize.linprog(
-        model.objective,
-        A_ub=model.a_ub,
-        b_ub=model.b_ub,
-        A_eq=model.a_eq,
-        b_eq=np.ones(problem.num_groups),
-        bounds=(0, 1),
-        method="highs-ds",
-    )
+    for presolve in (True, False):
+        result = optimize.linprog(
+            model.objective,
+            A_ub=model.a_ub,
+            b_ub=model.b_ub,
+            A_eq=model.a_eq,
+            b_eq=np.ones(problem.num_groups),
+            bounds=(0, 1),
+            method="highs-ds",
+            options={"presolve": presolve},
+        )
+        # HiGHS's presolve has misreported feasible MILPs of this kind as infeasible (see
+        # _solve_milp), so an infeasible LP is confirmed without it.
+        if result.status != 2:
+            break
     if result.status == 2:
         return None
     if result.status != 0:
