@@ -17,6 +17,7 @@ from moa_search.front import pareto_front
 from moa_search.models import load_model, model_shape
 from moa_search.profile import HeadProfile, profile_heads
 from moa_search.runs import PROFILE_FILE, RunFolder, RunSettings
+from moa_search.search import interrupts
 from moa_search.search.evaluator import WindowEvaluator
 from moa_search.search.groups import HeadGroups
 from moa_search.search.profile_strategy import ProfileStrategy, group_cost, group_loss
@@ -235,19 +236,27 @@ def _run_search(
         study, strategy, uniform_seeds(settings.candidates, groups, settings.seq_len, sink_tokens)
     )
     interrupted = False
-    if isinstance(strategy, ProfileStrategy):
-        try:
-            interrupted = _run_profile_seeds(study, strategy, settings, groups, run)
-            if not interrupted:
-                interrupted = _run_fitted_rounds(
-                    study, strategy, metrics["dense_perplexity"], settings.trials, run, deadline
+    with interrupts.deferred():
+        if isinstance(strategy, ProfileStrategy):
+            try:
+                interrupted = _run_profile_seeds(study, strategy, settings, groups, run)
+                if not interrupted:
+                    interrupted = _run_fitted_rounds(
+                        study,
+                        strategy,
+                        metrics["dense_perplexity"],
+                        settings.trials,
+                        run,
+                        deadline,
+                    )
+            except KeyboardInterrupt:
+                # Ctrl-C outside a trial loop, while the knapsack or the surrogate works.
+                logger.warning(
+                    "interrupted; keeping %d finished trials", len(completed_trials(study))
                 )
-        except KeyboardInterrupt:
-            # Ctrl-C outside a trial loop, while the knapsack or the surrogate works.
-            logger.warning("interrupted; keeping %d finished trials", len(completed_trials(study)))
-            interrupted = True
-    if not interrupted:
-        interrupted = run()
+                interrupted = True
+        if not interrupted:
+            interrupted = run()
     if holdout.shape[0] > 0:
         hooks.stage("validating the front on held-out sequences")
         try:
@@ -278,7 +287,9 @@ def _run_profile_seeds(
     if increase is None:
         return False
     strategy.set_uniform_increase(increase)
-    enqueue_missing_seeds(study, strategy, strategy.surrogate_seeds())
+    with interrupts.immediate():
+        seeds = strategy.surrogate_seeds()
+    enqueue_missing_seeds(study, strategy, seeds)
     return run(queued_only=True)
 
 
@@ -306,10 +317,10 @@ def _run_fitted_rounds(
             return False
         configs, increases = evaluated_configs(study, dense_perplexity)
         evaluated = {tuple(config) for config in configs}
+        with interrupts.immediate():
+            fitted = strategy.fitted_configs(configs, increases)
         proposals = [
-            (label, windows)
-            for label, windows in strategy.fitted_configs(configs, increases)
-            if tuple(windows) not in evaluated
+            (label, windows) for label, windows in fitted if tuple(windows) not in evaluated
         ]
         if not proposals:
             return False

@@ -47,6 +47,12 @@ def handle_errors(command: F) -> F:
                 raise
             stderr.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=1) from None
+        except KeyboardInterrupt:
+            # Ctrl-C outside the search loop, e.g. while the model loads or the heads are profiled.
+            if _state["debug"]:
+                raise
+            stderr.print("[yellow]interrupted[/]")
+            raise typer.Exit(code=130) from None
 
     return wrapper  # type: ignore[return-value]
 

@@ -10,6 +10,7 @@ import torch
 from moa_search.attention import apply_windows, set_windows
 from moa_search.cost import mean_area_density, mean_kv_density
 from moa_search.evaluate import perplexity
+from moa_search.search import interrupts
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,8 @@ class WindowEvaluator:
         """Return the perplexity of the model restricted to ``windows`` on the calibration ids (or others)."""
         set_windows(self.model, windows, self.sink_tokens)
         ids = self.input_ids if input_ids is None else input_ids
-        return perplexity(self.model, ids, batch_size=self.batch_size)
+        with interrupts.immediate():
+            return perplexity(self.model, ids, batch_size=self.batch_size)
 
     def evaluate(self, windows: list[list[int | None]]) -> Evaluation:
         """Measure perplexity and model the cost of one config."""

@@ -12,6 +12,7 @@ from optuna.trial import TrialState
 from moa_search.cost import area_density
 from moa_search.errors import ConfigError
 from moa_search.search.evaluator import WindowEvaluator
+from moa_search.search import interrupts
 from moa_search.search.groups import HeadGroups
 from moa_search.search.samplers import make_sampler
 from moa_search.search.strategies import (
@@ -217,6 +218,8 @@ def run_trials(
     Returns:
         True when the loop was interrupted by Ctrl-C; every trial finished before that is kept.
     """
+    if interrupts.stop_requested():
+        return True
     remaining = total_trials - len(completed_trials(study))
     if queued_only:
         waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
@@ -224,9 +227,23 @@ def run_trials(
     if remaining <= 0:
         logger.info("study already has %d finished trials", total_trials - remaining)
         return False
+
+    def stop_on_request(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        # A Ctrl-C deferred by interrupts.deferred() ends the loop after the trial that it hit.
+        if interrupts.stop_requested():
+            study.stop()
+
     try:
-        study.optimize(objective, n_trials=remaining, timeout=timeout, callbacks=list(callbacks))
+        study.optimize(
+            objective,
+            n_trials=remaining,
+            timeout=timeout,
+            callbacks=[*callbacks, stop_on_request],
+        )
     except KeyboardInterrupt:
+        interrupted = True
+    else:
+        interrupted = interrupts.stop_requested()
+    if interrupted:
         logger.warning("interrupted; keeping %d finished trials", len(completed_trials(study)))
-        return True
-    return False
+    return interrupted
