@@ -215,6 +215,13 @@ def _run_search(
         seed=settings.seed,
         resume=resume,
     )
+    already = len(completed_trials(study))
+    if resume and already >= settings.trials:
+        logger.warning(
+            "the run already has %d finished trials, --trials %d; pass a larger --trials to search on",
+            already,
+            settings.trials,
+        )
     hooks.stage("searching")
     objective = make_objective(strategy, groups, evaluator, settings.budget, study)
     deadline = None if settings.timeout is None else time.monotonic() + settings.timeout
@@ -257,6 +264,14 @@ def _run_search(
                 interrupted = True
         if not interrupted:
             interrupted = run()
+    finished = len(completed_trials(study))
+    if not interrupted and deadline is not None and finished < settings.trials:
+        logger.warning(
+            "--timeout %g s reached after %d of %d trials; continue with --resume",
+            settings.timeout,
+            finished,
+            settings.trials,
+        )
     if holdout.shape[0] > 0:
         hooks.stage("validating the front on held-out sequences")
         try:

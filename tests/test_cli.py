@@ -491,6 +491,46 @@ def test_resume_adds_trials_without_baselines(
     assert settings["trials"] == 14
 
 
+def test_resume_drops_stored_timeout(
+    tmp_path: Path, stories_path: Path, tinystories_path: Path
+) -> None:
+    common = ["run", "--output-dir", tmp_path, "--name", "timed"]
+    first = invoke(
+        *common,
+        "--model", stories_path,
+        "--dataset", tinystories_path,
+        "--budget", "0.5",
+        *SMALL_RUN_OPTIONS,
+        "--trials", 12,
+        "--timeout", "0.001",
+    )
+    assert_success(first)
+    assert "--timeout 0.001 s reached" in first.output
+    assert len(completed(load_study_of(tmp_path / "timed"))) < 12
+
+    second = invoke(*common, "--resume")
+    assert_success(second)
+
+    assert len(completed(load_study_of(tmp_path / "timed"))) == 12
+    settings = json.loads((tmp_path / "timed" / "settings.json").read_text())
+    assert settings["timeout"] is None
+
+
+def test_zero_timeout_fails(tmp_path: Path, stories_path: Path, tinystories_path: Path) -> None:
+    result = invoke(
+        "run",
+        "--model", stories_path,
+        "--dataset", tinystories_path,
+        "--budget", "0.5",
+        "--output-dir", tmp_path,
+        "--timeout", "0",
+    )
+
+    line = assert_one_error_line(result)
+    assert "invalid --timeout 0" in line
+    assert not any(tmp_path.iterdir())
+
+
 def test_run_without_model_fails(tmp_path: Path, tinystories_path: Path) -> None:
     result = invoke(
         "run", "--dataset", tinystories_path, "--budget", "0.5", "--output-dir", tmp_path

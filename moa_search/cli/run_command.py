@@ -61,11 +61,9 @@ def _resolve_settings(
                 f"run {folder.name!r} searched model {stored.model!r}, not {model_id!r}; "
                 "resume with the same --model"
             )
-        updates = {
-            key: values[key]
-            for key in ("trials", "timeout", "batch_size")
-            if values[key] is not None
-        }
+        updates = {key: values[key] for key in ("trials", "batch_size") if values[key] is not None}
+        # A timeout limits one invocation, so a resumed run does not inherit the last one's.
+        updates["timeout"] = values["timeout"]
         return stored.model_copy(update=updates)
     space = load_space(values["space"])
     info = model_info_of(model, model_id)
@@ -247,8 +245,7 @@ def run(
     timeout: Annotated[
         float | None,
         typer.Option(
-            min=0.0,
-            help="Stop starting trials after this many seconds.",
+            help="Stop starting trials after this many seconds of search; applies to this invocation only.",
             rich_help_panel=SEARCH_PANEL,
         ),
     ] = None,
@@ -302,13 +299,17 @@ def run(
         raise ConfigError("--resume needs --name of the run to continue")
     if not resume:
         if model is None:
-            raise ConfigError("missing --model: pass a Hugging Face hub id or a local model folder")
+            raise ConfigError(
+                "missing --model: pass a Hugging Face hub id or a local model folder"
+            )
         if dataset is None:
             raise ConfigError("missing --dataset: pass a text file, a folder or a datasets hub id")
         if budget is None:
             raise ConfigError(
                 "missing --budget: pass the allowed cost relative to dense attention, e.g. 0.5"
             )
+    if timeout is not None and not timeout > 0:
+        raise ConfigError(f"invalid --timeout {timeout}: use a positive number of seconds")
     if budget is not None and not 0 < budget <= 1:
         raise ConfigError(f"invalid --budget {budget}: use a value in (0, 1], e.g. 0.5")
     if max_windows_per_layer is not None and strategy is not StrategyName.profile:
