@@ -27,6 +27,7 @@ from moa_search.search.study import (
     enqueue_missing_seeds,
     enqueue_seeds,
     evaluated_configs,
+    log_interrupted,
     make_objective,
     open_study,
     run_trials,
@@ -218,7 +219,8 @@ def _run_search(
     already = len(completed_trials(study))
     if resume and already >= settings.trials:
         logger.warning(
-            "the run already has %d finished trials, --trials %d; pass a larger --trials to search on",
+            "the run already has %d finished trials, --trials %d; "
+            "pass a larger --trials to search on",
             already,
             settings.trials,
         )
@@ -258,9 +260,7 @@ def _run_search(
                     )
             except KeyboardInterrupt:
                 # Ctrl-C outside a trial loop, while the knapsack or the surrogate works.
-                logger.warning(
-                    "interrupted; keeping %d finished trials", len(completed_trials(study))
-                )
+                log_interrupted(study)
                 interrupted = True
         if not interrupted:
             interrupted = run()

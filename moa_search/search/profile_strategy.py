@@ -60,8 +60,8 @@ DISTINCT_POOL_BUDGETS = 16
 # Configs each fitted round proposes. Fewer means more refits per evaluation: on stories260K, 4
 # reached 95% of the best known hypervolume sooner than 8 or 14.
 PROPOSALS_PER_ROUND = 4
-# Standard deviations subtracted from the surrogate's mean when scoring candidates, so configs the
-# evaluations say little about still get tried.
+# Standard deviations subtracted from the surrogate's mean when scoring candidates, so configs far
+# from every evaluation still get tried.
 OPTIMISM = 1.0
 
 
@@ -113,7 +113,8 @@ def pick_by_hypervolume(
         count: At most this many picks.
 
     Returns:
-        Indices into ``candidates`` in the order picked; it stops early when no candidate adds volume.
+        Indices into ``candidates`` in the order picked. Picking stops early when no candidate
+        adds volume.
     """
     points = list(measured)
     volume = hypervolume(points, reference)
@@ -214,14 +215,14 @@ class ProfileStrategy:
     def fitted_configs(
         self, configs: Sequence[Sequence[int | None]], nll_increase: Sequence[float]
     ) -> list[tuple[str, list[int | None]]]:
-        """Fit the additive surrogate to exact evaluations and propose configs that should extend the front.
+        """Fit the additive surrogate to exact evaluations and propose configs that extend the front.
 
         The candidates are the knapsack optima of the surrogate's posterior mean at
         :data:`POOL_BUDGETS` cost targets (:data:`DISTINCT_POOL_BUDGETS` with a distinct-window
         limit) from the cheapest config to the budget. Each is scored by its optimistic
-        prediction, the posterior mean minus :data:`OPTIMISM` standard deviations. Up to :data:`PROPOSALS_PER_ROUND` of them are then picked one at a time, each
-        the one that adds the most hypervolume to the measured front together with the picks
-        before it.
+        prediction, the posterior mean minus :data:`OPTIMISM` standard deviations. Then up to
+        :data:`PROPOSALS_PER_ROUND` of them are picked one at a time, each the one that adds the
+        most hypervolume to the measured front together with the picks before it.
 
         Args:
             configs: Evaluated configs, one window per group each.
@@ -234,7 +235,8 @@ class ProfileStrategy:
         column = {window: index for index, window in enumerate(self.candidates)}
         choices = np.array([[column[window] for window in config] for config in configs])
         increases = np.asarray(nll_increase, dtype=np.float64)
-        # A perplexity that overflowed says nothing the model can fit, but the config stays evaluated.
+        # An overflowed perplexity gives the model nothing to fit, but its config still counts as
+        # evaluated.
         finite = np.isfinite(increases)
         surrogate = AdditiveSurrogate(self.loss, self.uniform, self.layer_of_group)
         surrogate.fit(choices[finite], increases[finite])
@@ -280,7 +282,7 @@ class ProfileStrategy:
         ]
 
     def config_cost(self, choices: np.ndarray) -> np.ndarray:
-        """Return the cost of configs given as candidate indices ``[configs, groups]``; float64 ``[configs]``."""
+        """Return the float64 ``[configs]`` cost of configs given as indices ``[configs, groups]``."""
         return self.cost[np.arange(self.groups.num_groups), choices].mean(axis=1)
 
     def seed_params(self, group_windows: list[int | None]) -> dict[str, Any]:

@@ -11,8 +11,8 @@ from optuna.trial import TrialState
 
 from moa_search.cost import area_density
 from moa_search.errors import ConfigError
-from moa_search.search.evaluator import WindowEvaluator
 from moa_search.search import interrupts
+from moa_search.search.evaluator import WindowEvaluator
 from moa_search.search.groups import HeadGroups
 from moa_search.search.samplers import make_sampler
 from moa_search.search.strategies import (
@@ -245,5 +245,10 @@ def run_trials(
     else:
         interrupted = interrupts.stop_requested()
     if interrupted:
-        logger.warning("interrupted; keeping %d finished trials", len(completed_trials(study)))
+        log_interrupted(study)
     return interrupted
+
+
+def log_interrupted(study: optuna.Study) -> None:
+    """Log that Ctrl-C stopped the search, with the number of finished trials it keeps."""
+    logger.warning("interrupted; keeping %d finished trials", len(completed_trials(study)))

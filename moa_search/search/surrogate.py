@@ -5,11 +5,11 @@ The model of the NLL increase of a config ``c`` (one candidate index per head gr
     f(c) = sum over layers l of  a[l] * E_l(c) + b[l] * U_l(c)
          + sum over groups g of  sum over candidates j with c[g] <= j < widest of  step[g, j]
 
-where ``E_l`` sums the profile estimates of layer l's groups and ``U_l`` sums the uniform-window term
-(the measured NLL increase of the uniform config at each group's window, divided by the number of
-groups). ``step[g, j]`` is what group g loses when its window shrinks from candidate j + 1 to j, so
-a group's term grows as its window shrinks and one measurement at a small window also informs the
-larger ones. The prior is ``a = 0``, ``b = 1`` and ``step = 0``: before any evaluation the model
+where ``E_l`` sums the profile estimates of layer l's groups and ``U_l`` sums the uniform-window
+term: the measured NLL increase of the uniform config at each group's window, divided by the number
+of groups. ``step[g, j]`` is what group g loses when its window shrinks from candidate j + 1 to j.
+So a group's term grows as its window shrinks, and one measurement at a small window also informs
+the larger ones. The prior is ``a = 0``, ``b = 1`` and ``step = 0``: before any evaluation the model
 predicts the uniform-window term.
 
 Fitting is Bayesian linear regression with a diagonal Gaussian prior, so the posterior mean is the
@@ -58,19 +58,13 @@ class AdditiveSurrogate:
             choices: int ``[configs, groups]`` candidate indices.
 
         Returns:
-            float64 ``[configs, 2 * layers]``: ``E_l`` for every layer, then ``U_l`` for every layer.
+            float64 ``[configs, 2 * layers]``: ``E_l`` for every layer, then ``U_l`` for every
+            layer.
         """
         choices = np.atleast_2d(choices)
-        groups = np.arange(self.num_groups)
-        features = np.zeros((choices.shape[0], 2 * self.num_layers))
-        for row, choice in enumerate(choices):
-            features[row, : self.num_layers] = np.bincount(
-                self.layer_of_group, self.estimates[groups, choice], minlength=self.num_layers
-            )
-            features[row, self.num_layers :] = np.bincount(
-                self.layer_of_group, self.uniform[choice], minlength=self.num_layers
-            )
-        return features
+        in_layer = np.eye(self.num_layers)[self.layer_of_group]  # [groups, layers] indicator
+        estimates = self.estimates[np.arange(self.num_groups), choices] @ in_layer
+        return np.concatenate([estimates, self.uniform[choices] @ in_layer], axis=1)
 
     def _prior_mean(self, choices: np.ndarray) -> np.ndarray:
         return self.uniform[choices].sum(axis=1)
@@ -145,14 +139,13 @@ class AdditiveSurrogate:
         """
         choices = np.atleast_2d(np.asarray(choices, dtype=np.int64))
         prior = self._prior_mean(choices)
-        if len(self._dual) == 0:
-            variance = np.diag(self._kernel(choices, choices))
-            return prior, np.sqrt(self.noise_variance * variance)
-        cross = self._kernel(choices, self._choices)
-        mean = prior + cross @ self._dual
-        own = np.einsum("ij,ij->i", self.layer_features(choices), self.layer_features(choices))
-        own = own / LAYER_PRECISION
+        # The diagonal of the kernel: a config shares all its features with itself.
+        layer_features = self.layer_features(choices)
+        own = np.einsum("ij,ij->i", layer_features, layer_features) / LAYER_PRECISION
         own += (self.num_candidates - 1 - choices).sum(axis=1) / STEP_PRECISION
+        if len(self._dual) == 0:
+            return prior, np.sqrt(self.noise_variance * own)
+        cross = self._kernel(choices, self._choices)
         explained = np.einsum("ij,ji->i", cross, self._solve(cross.T))
         variance = np.maximum(own - explained, 0.0)
-        return mean, np.sqrt(self.noise_variance * variance)
+        return prior + cross @ self._dual, np.sqrt(self.noise_variance * variance)
